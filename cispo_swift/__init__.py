@@ -1,0 +1,1 @@
+"""CISPO for ms-swift GRPO."""
