@@ -1,0 +1,457 @@
+"""swift's GRPOTrainer with the CISPO loss computed by `cispo_swift.loss`.
+
+Only `--loss_type cispo` takes this path; every other loss type goes to swift's code untouched. The trainer
+gathers tensors from swift's batch (log-probs from swift's own forward, advantages, masks), calls the pure
+functions of `loss.py`, and reuses swift's helpers for everything around the loss (rollout importance-sampling
+correction, off-policy sequence mask, gradient-accumulation scaling, CHORD/SDAR auxiliary losses).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import gather_object, is_peft_model
+from swift.rl_core.advantage import compute_sdar_loss
+from swift.rl_core.data import GRPOBatch
+from swift.rlhf_trainers import GRPOTrainer
+from swift.rlhf_trainers.utils import compute_chord_loss
+from swift.utils import get_logger
+from trl.trainer.grpo_trainer import nanmax, nanmin
+
+from cispo_swift import loss as L
+from cispo_swift.config import DEFAULT_WEIGHT_CAP, CISPOConfig, current_config
+
+logger = get_logger()
+
+# The loss types swift 4.6's GRPOTrainer implements; anything else fails deep inside its loss.
+SWIFT_LOSS_TYPES = ('grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo', 'sapo', 'real', 'fipo')
+CONFIG_FILE = 'cispo_config.json'
+
+
+class CISPOGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer whose `--loss_type cispo` loss is exact, safe by default and observable (metrics `cispo/*`)."""
+
+    # ---- set-up ---------------------------------------------------------------------------------------------
+
+    def _prepare_algorithm_params(self):
+        # Runs at the top of GRPOTrainer.__init__, before models are wrapped: the place to refuse bad settings.
+        super()._prepare_algorithm_params()
+        if self.loss_type not in SWIFT_LOSS_TYPES:
+            raise ValueError(
+                f'--loss_type {self.loss_type!r} is not a GRPO loss type. Valid: {", ".join(SWIFT_LOSS_TYPES)}. '
+                'Fix the spelling (CISPO is `--loss_type cispo`).'
+            )
+        self.cispo_active = self.loss_type == 'cispo'
+        if not self.cispo_active:
+            return
+        self.cispo_config: CISPOConfig = current_config()
+        self._resolve_cispo_bounds()
+        self._check_cispo_compatibility()
+
+    def _resolve_cispo_bounds(self):
+        args, cfg = self.args, self.cispo_config
+        explicit = args.epsilon_high is not None
+        if not explicit:
+            # swift falls back to --epsilon here, i.e. every weight capped at 0.2.
+            eps_high = DEFAULT_WEIGHT_CAP if cfg.clip_mode == 'absolute' else DEFAULT_WEIGHT_CAP - 1.0
+            self.cispo_default_note = (
+                f'--epsilon_high not given: using {eps_high} (weight cap {DEFAULT_WEIGHT_CAP}, ScaleRL) instead of '
+                f"swift's fallback to --epsilon={args.epsilon}, which would cap every weight at {args.epsilon}"
+            )
+        else:
+            eps_high = float(args.epsilon_high)
+            self.cispo_default_note = None
+            if eps_high <= 0:
+                raise ValueError(
+                    f'--epsilon_high {eps_high} with --loss_type cispo: the bound must be positive. '
+                    'Use e.g. --epsilon_high 5.0 (ScaleRL), or leave it unset for that default.'
+                )
+            if cfg.clip_mode == 'absolute' and eps_high < 1.0:
+                raise ValueError(
+                    f'--epsilon_high {eps_high} with --loss_type cispo caps the importance weight min(r, ε_high) '
+                    f'at {eps_high} < 1: every on-policy token (r = 1) would be down-weighted to {eps_high}, '
+                    'shrinking the whole loss. Use a cap ≥ 1, e.g. --epsilon_high 5.0 (ScaleRL). If you meant '
+                    f'the relative convention clip(r, ·, 1 + ε_high) (verl, MiniMax-M1 eq. 5), set '
+                    'CISPO_CLIP_MODE=relative.'
+                )
+        self.epsilon_high = eps_high
+        self.cispo_lower, self.cispo_upper = L.clip_bounds(eps_high, cfg.eps_low, cfg.clip_mode)
+
+    def _check_cispo_compatibility(self):
+        args, cfg = self.args, self.cispo_config
+        if args.use_liger_kernel:
+            raise ValueError(
+                '--use_liger_kernel with --loss_type cispo would bypass the cispo-swift loss (Liger computes its own '
+                "CISPO, with swift's cap semantics). Remove --use_liger_kernel."
+            )
+        if args.delta is not None:
+            logger.warning(
+                f'--delta {args.delta} has no effect with --loss_type cispo: the two-sided clip of the ratio it '
+                'bounds does not exist in CISPO (the clipped weight is detached). It is ignored.'
+            )
+        if cfg.anchor == 'rollout' and not args.use_vllm:
+            raise ValueError(
+                "CISPO_ANCHOR=rollout anchors the weight on the inference engine's log-probs, which swift "
+                'collects only when generating with vLLM (--use_vllm true). Use --use_vllm true, or '
+                'CISPO_ANCHOR=old.'
+            )
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not self.cispo_active:
+            return
+        if self.cispo_config.norm != 'token' and self.template.sequence_parallel_size > 1:
+            raise ValueError(
+                f'CISPO_NORM={self.cispo_config.norm} needs every sequence of the generation batch on its rank; '
+                'sequence parallelism splits them. Use CISPO_NORM=token with --sequence_parallel_size > 1.'
+            )
+        if self.cispo_config.fp32_lm_head:
+            _fp32_lm_head(self.accelerator.unwrap_model(self.model))
+        self._cispo_extrema = {'train': {}, 'eval': {}}
+        logger.info(self._cispo_summary())
+        if self.accelerator.is_main_process:
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(os.path.join(self.args.output_dir, CONFIG_FILE), 'w') as f:
+                json.dump(self.cispo_effective_settings(), f, indent=2, sort_keys=True)
+
+    def cispo_effective_settings(self) -> Dict[str, Any]:
+        """Everything that determines the CISPO loss: the options plus the swift flags that enter it."""
+        return {
+            **self.cispo_config.to_dict(),
+            'epsilon_high': self.epsilon_high,
+            'weight_lower': self.cispo_lower,
+            'weight_upper': self.cispo_upper,
+            'ppo_epsilon_for_metrics': self.epsilon_low,
+            'importance_sampling_level': self.importance_sampling_level,
+            'beta': self.beta,
+        }
+
+    def _cispo_summary(self) -> str:
+        cfg = self.cispo_config
+        lo, hi = self.cispo_lower, self.cispo_upper
+        if cfg.clip_mode == 'absolute':
+            weight = f'min(r, {hi})'
+        else:
+            weight = f'clip(r, {lo if lo is not None else "-inf"}, {hi})'
+        parts = [
+            f'cispo-swift: CISPO loss active: w = sg({weight}) [{cfg.clip_mode}]',
+            f'norm={cfg.norm}',
+            f'anchor={cfg.anchor}',
+            f'unified_mask={"on (eps %g/%g)" % (cfg.mask_eps_low, cfg.mask_eps_high) if cfg.mask else "off"}',
+            f'is_level={self.importance_sampling_level}',
+            f'beta={self.beta}',
+            f'fp32_lm_head={int(cfg.fp32_lm_head)}',
+            f'ppo_epsilon(metric)={self.epsilon_low}',
+        ]
+        line = ', '.join(parts)
+        if self.cispo_default_note:
+            line += f'. {self.cispo_default_note}'
+        return line
+
+    # ---- normalisation metadata -------------------------------------------------------------------------------
+
+    def _prepare_batch_inputs(self, samples):
+        batches = super()._prepare_batch_inputs(samples)
+        if self.cispo_active and self.cispo_config.norm != 'token':
+            self._attach_group_counts(samples, batches)
+        return batches
+
+    def _attach_group_counts(self, samples, batches):
+        """Global sequence, group and per-group token counts for `sequence`/`prompt` normalisation."""
+        chunks = self.split_by_mini_batches(samples)
+        local = []
+        for chunk, batch in zip(chunks, batches, strict=True):
+            lengths = batch['grpo_batch'].completion_mask.sum(-1).tolist()
+            local.extend(zip([s.prompt_id for s in chunk], lengths, strict=True))
+        everything = gather_object(local)
+        group_tokens: Dict[Any, float] = {}
+        for prompt_id, length in everything:
+            group_tokens[prompt_id] = group_tokens.get(prompt_id, 0.0) + float(length)
+        for chunk, batch in zip(chunks, batches):
+            gb = batch['grpo_batch']
+            gb.cispo_num_sequences = float(len(everything))
+            gb.cispo_num_groups = float(len(group_tokens))
+            gb.cispo_group_tokens = torch.tensor(
+                [group_tokens[s.prompt_id] for s in chunk], dtype=torch.float32, device=gb.completion_mask.device
+            )
+
+    # ---- the loss ---------------------------------------------------------------------------------------------
+
+    def _compute_loss_and_metrics(self, model, model_inputs: Dict[str, Any], grpo_batch: GRPOBatch):
+        if not self.cispo_active:
+            return super()._compute_loss_and_metrics(model, model_inputs, grpo_batch)
+        mode = 'train' if self.model.training else 'eval'
+        cfg = self.cispo_config
+        completion_mask = grpo_batch.completion_mask
+        logps, entropies = self._get_per_token_logps_and_entropies(
+            model, model_inputs, grpo_batch, compute_entropy=self.compute_entropy
+        )  # [B, T]
+        entropy_mask, entropy_metrics = self._entropy_mask_and_metrics(entropies, completion_mask)
+
+        # Overlong filter (DAPO): truncated completions leave the loss; swift's normaliser still counts them.
+        if self.overlong_filter and grpo_batch.truncated_mask.any():
+            completion_mask = completion_mask & ~grpo_batch.truncated_mask.unsqueeze(-1).expand_as(completion_mask)
+
+        per_token_kl = None
+        if self.beta != 0.0 and not self.kl_in_reward:
+            per_token_kl = L.k3_kl(grpo_batch.ref_per_token_logps, logps)
+
+        advantages = grpo_batch.advantages  # [B, T]
+        old_logps = logps.detach() if grpo_batch.old_per_token_logps is None else grpo_batch.old_per_token_logps
+        rollout_metrics, rollout_is_weights = self._rollout_correction(old_logps, grpo_batch, completion_mask)
+
+        if cfg.anchor == 'rollout':
+            if grpo_batch.rollout_per_token_logps is None:
+                raise RuntimeError(
+                    'CISPO_ANCHOR=rollout, but this batch carries no rollout log-probs (the inference engine '
+                    'returned none or their count did not match the completion tokens). Check that vLLM returns '
+                    'log-probs, or use CISPO_ANCHOR=old.'
+                )
+            anchor_logps = grpo_batch.rollout_per_token_logps
+        else:
+            anchor_logps = old_logps
+        log_ratio = logps.detach() - anchor_logps  # [B, T]
+        if self.importance_sampling_level in ('sequence', 'sequence_token'):
+            # With a detached weight, GSPO-token's sg[s]·π/sg[π] has the same value as the sequence weight.
+            log_ratio = L.sequence_log_ratio(log_ratio, completion_mask)  # [B, 1]
+        elif self.importance_sampling_level != 'token':
+            raise ValueError(f'Unknown --importance_sampling_level {self.importance_sampling_level!r}.')
+
+        weight = L.importance_weight(log_ratio, self.cispo_lower, self.cispo_upper)  # sg(clip(r))
+        token_mask = None
+        if cfg.mask:
+            token_mask = L.unified_token_mask(log_ratio, advantages, cfg.mask_eps_low, cfg.mask_eps_high)
+        per_token_loss = L.per_token_loss(logps, weight, advantages, token_mask)
+        if entropy_mask is not None:
+            per_token_loss = per_token_loss * entropy_mask
+        if per_token_kl is not None:
+            per_token_loss = per_token_loss + self.beta * per_token_kl
+        if rollout_is_weights is not None and self.rollout_importance_sampling_mode is not None:
+            per_token_loss = per_token_loss * rollout_is_weights
+
+        if self.off_policy_sequence_mask_delta is not None:
+            reference = grpo_batch.rollout_per_token_logps
+            reference = old_logps if reference is None else reference
+            seq_advantages = (advantages * completion_mask).sum(-1) / completion_mask.sum(-1).clamp(min=1.0)
+            keep = self._compute_off_policy_sequence_mask(logps, reference, completion_mask, seq_advantages)
+            completion_mask = completion_mask & keep.unsqueeze(-1).expand_as(completion_mask)
+
+        loss = L.aggregate(per_token_loss, completion_mask, self._token_scale(grpo_batch, completion_mask))
+        loss = self._undo_gradient_accumulation_scaling(loss)
+
+        if self.sdar_loss_coef > 0 and grpo_batch.teacher_per_token_logps is not None:
+            sdar_loss, sdar_metrics = compute_sdar_loss(
+                student_log_probs=logps,
+                teacher_log_probs=grpo_batch.teacher_per_token_logps,
+                response_mask=completion_mask,
+                gate_beta=self.sdar_gate_beta,
+            )
+            loss = loss + self.sdar_loss_coef * sdar_loss
+            for key, value in sdar_metrics.items():
+                self._metrics[mode][key].append(value)
+            self._metrics[mode]['sdar/coef'].append(self.sdar_loss_coef)
+
+        metrics_data = {
+            'mode': mode,
+            'entropy': entropy_metrics,
+            'completion_mask': completion_mask,
+            'completion_token_count': completion_mask.sum().clamp(min=1.0),
+            'cispo_sums': self._gathered_stats(log_ratio, advantages, completion_mask),
+        }
+        if per_token_kl is not None:
+            mean_kl = (per_token_kl * completion_mask).sum() / completion_mask.sum().clamp(min=1.0)
+            metrics_data['kl'] = self.accelerator.gather_for_metrics(mean_kl).nanmean().item()
+        if rollout_metrics:
+            metrics_data['rollout_correction'] = self._gather_rollout_metrics(rollout_metrics)
+        if mode == 'train' and self.chord_sft_iterator is not None:
+            loss = compute_chord_loss(self, grpo_loss=loss)
+        return loss, metrics_data
+
+    def _token_scale(self, grpo_batch: GRPOBatch, completion_mask: torch.Tensor):
+        norm = self.cispo_config.norm
+        world = self.accelerator.num_processes
+        if norm == 'token':
+            # Same normaliser as swift's built-in cispo: completion tokens of the generation batch, all ranks.
+            # Rank losses are Σ/(N/P); DDP's gradient average over P ranks turns them into Σ_all/N.
+            return world / grpo_batch.num_items_in_batch
+        num_sequences = getattr(grpo_batch, 'cispo_num_sequences', None)
+        if num_sequences is None:
+            raise RuntimeError(f'CISPO_NORM={norm}: the batch lacks its group counts (internal error).')
+        scale = L.token_scale(
+            completion_mask,
+            norm,
+            num_tokens=float(grpo_batch.num_items_in_batch),
+            num_sequences=num_sequences,
+            group_tokens=grpo_batch.cispo_group_tokens,
+            num_groups=grpo_batch.cispo_num_groups,
+        )
+        return scale * world
+
+    def _entropy_mask_and_metrics(self, entropies: Optional[torch.Tensor], completion_mask: torch.Tensor):
+        """swift's entropy logging and top-entropy token mask (arXiv 2506.01939), same semantics."""
+        if not self.compute_entropy:
+            return None, {}
+        entropies = entropies.masked_fill(completion_mask == 0, float('nan'))
+        metrics = {}
+        if self.args.log_entropy:
+            per_completion = self.accelerator.gather(torch.nanmean(entropies, dim=1))
+            metrics = {
+                'entropy_logs': per_completion.tolist(),
+                'entropy_mean': per_completion.nanmean().item(),
+                'entropy_max': nanmax(per_completion).item(),
+                'entropy_min': nanmin(per_completion).item(),
+            }
+        entropy_mask = None
+        if self.args.top_entropy_quantile < 1.0:
+            threshold = torch.nanquantile(entropies.flatten().float(), 1 - self.top_entropy_quantile)
+            metrics['entropy_threshold'] = threshold.item()
+            entropy_mask = entropies >= threshold
+        return entropy_mask, metrics
+
+    def _rollout_correction(self, old_logps, grpo_batch: GRPOBatch, completion_mask):
+        """swift's rollout (train/inference mismatch) diagnostics and IS weights, through swift's helpers."""
+        wanted = self.rollout_importance_sampling_mode is not None or self.log_rollout_offpolicy_metrics
+        has_rollout = grpo_batch.rollout_per_token_logps is not None
+        if self.disable_rollout_importance_sampling or not (wanted and all(gather_object([has_rollout]))):
+            return {}, None
+        rollout_logps = grpo_batch.rollout_per_token_logps
+        metrics = self._compute_rollout_offpolicy_metrics(old_logps, rollout_logps, completion_mask)
+        rollout_log_ratio, weights = self._get_rollout_is_correction(old_logps, rollout_logps, completion_mask)
+        if rollout_log_ratio is not None:
+            metrics.update(self._compute_is_correction_metrics(rollout_log_ratio, weights, completion_mask))
+        return metrics, weights
+
+    def _gather_rollout_metrics(self, rollout_metrics):
+        values = torch.stack(list(rollout_metrics.values())).detach().unsqueeze(0)
+        gathered = self.accelerator.gather_for_metrics(values)
+        result = dict(zip(rollout_metrics, gathered.nanmean(0).unbind()))
+        for key, reduce in (('log_ppl_diff_max', torch.max), ('log_ppl_diff_min', torch.min)):
+            if key in rollout_metrics:
+                result[key] = reduce(gathered[:, list(rollout_metrics).index(key)])
+        return result
+
+    def _gathered_stats(self, log_ratio, advantages, completion_mask) -> Dict[str, float]:
+        """`loss.cispo_stats` summed (min/max reduced) over all ranks."""
+        stats = L.cispo_stats(
+            log_ratio, advantages, completion_mask, self.cispo_lower, self.cispo_upper, self.epsilon_low
+        )
+        keys = [k for k in stats if k not in ('ratio_min', 'ratio_max')]
+        summed = self.accelerator.gather(torch.stack([stats[k] for k in keys]).unsqueeze(0)).sum(0)
+        result = dict(zip(keys, summed.tolist()))
+        extrema = self.accelerator.gather(torch.stack([stats['ratio_min'], -stats['ratio_max']]).unsqueeze(0))
+        result['ratio_min'] = extrema[:, 0].min().item()
+        result['ratio_max'] = -extrema[:, 1].min().item()
+        return result
+
+    # ---- chunked path (--dynamic_num_samples) ---------------------------------------------------------------
+
+    def _compute_loss_chunked(self, model, model_inputs, grpo_batch, origin_data=None):
+        """swift averages chunk losses weighted by samples, which shrinks a Σ/N loss by about the number of
+        chunks. CISPO's chunk losses are each Σ_chunk/N already, so the batch loss is their plain sum."""
+        if not self.cispo_active:
+            return super()._compute_loss_chunked(model, model_inputs, grpo_batch, origin_data)
+        mode = 'train' if self.model.training else 'eval'
+        chunk_size = self.args.per_device_train_batch_size if mode == 'train' else self.args.per_device_eval_batch_size
+        batch_size = (
+            grpo_batch.seq_lengths.shape[0] if self.template.padding_free else model_inputs['input_ids'].shape[0]
+        )
+        max_chunks = max((bs + chunk_size - 1) // chunk_size for bs in gather_object([batch_size]))
+        new_chunk_size = (batch_size + max_chunks - 1) // max_chunks
+        losses, all_metrics = [], []
+        chunk_inputs, chunk_batch = {}, None
+        for chunk_idx in range(max_chunks):
+            start = chunk_idx * new_chunk_size
+            end = min(start + new_chunk_size, batch_size)
+            is_dummy = start >= batch_size
+            if not is_dummy:
+                chunk_inputs, chunk_batch = self.get_chunked_inputs(model_inputs, grpo_batch, start, end, origin_data)
+                _copy_group_counts(grpo_batch, chunk_batch, start, end)
+            # Every rank runs the same number of forwards; a dummy one repeats the last chunk with weight 0.
+            chunk_loss, chunk_metrics = self._compute_loss_and_metrics(model, chunk_inputs, chunk_batch)
+            losses.append(chunk_loss * 0.0 if is_dummy else chunk_loss)
+            if not is_dummy:
+                all_metrics.append((chunk_metrics, end - start))
+        self._aggregate_and_update_metrics(all_metrics, mode)
+        return torch.stack(losses).sum()
+
+    # ---- metrics ----------------------------------------------------------------------------------------------
+
+    def _update_metrics(self, metrics_data):
+        sums = metrics_data.pop('cispo_sums', None)
+        super()._update_metrics(metrics_data)
+        if sums is not None:
+            self._record_cispo_metrics(metrics_data['mode'], sums)
+
+    def _aggregate_and_update_metrics(self, all_metrics_data, mode):
+        if not self.cispo_active or not all_metrics_data:
+            return super()._aggregate_and_update_metrics(all_metrics_data, mode)
+        total: Dict[str, float] = {}
+        for chunk_metrics, _ in all_metrics_data:
+            for key, value in chunk_metrics.pop('cispo_sums').items():
+                if key not in total:
+                    total[key] = value
+                elif key == 'ratio_min':
+                    total[key] = min(total[key], value)
+                elif key == 'ratio_max':
+                    total[key] = max(total[key], value)
+                else:
+                    total[key] += value
+        super()._aggregate_and_update_metrics(all_metrics_data, mode)
+        self._record_cispo_metrics(mode, total)
+
+    def _record_cispo_metrics(self, mode: str, sums: Dict[str, float]):
+        if sums['tokens'] <= 0:
+            return
+        metrics = L.finalize_stats(sums)
+        bucket = self._metrics[mode]
+        # swift's key, for dashboards built on it: clipped tokens with Â > 0, over all completion tokens.
+        bucket['cispo_clip_ratio'].append(metrics['clip_frac_pos'])
+        extrema = self._cispo_extrema[mode]
+        for key, value in metrics.items():
+            if key == 'ratio_min':
+                extrema[key] = min(extrema.get(key, value), value)
+            elif key == 'ratio_max':
+                extrema[key] = max(extrema.get(key, value), value)
+            else:
+                bucket[f'cispo/{key}'].append(value)
+
+    def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
+        if getattr(self, 'cispo_active', False):
+            mode = 'train' if self.model.training else 'eval'
+            prefix = 'eval_' if mode == 'eval' else ''
+            # Minimum and maximum over the logging window, not the mean of per-step extremes.
+            for key, value in self._cispo_extrema[mode].items():
+                logs[f'{prefix}cispo/{key}'] = value
+            self._cispo_extrema[mode].clear()
+        super().log(logs, start_time)
+
+
+def _copy_group_counts(source: GRPOBatch, target: GRPOBatch, start: int, end: int):
+    if getattr(source, 'cispo_group_tokens', None) is None:
+        return
+    target.cispo_num_sequences = source.cispo_num_sequences
+    target.cispo_num_groups = source.cispo_num_groups
+    target.cispo_group_tokens = source.cispo_group_tokens[start:end]
+
+
+def _fp32_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    bias = None if self.bias is None else self.bias.float()
+    return F.linear(hidden_states.float(), self.weight.float(), bias)
+
+
+def _fp32_lm_head(model: torch.nn.Module) -> None:
+    """MiniMax-M1's precision fix: the LM head computes its logits in float32 whatever the model's dtype."""
+    base = model.get_base_model() if is_peft_model(model) else model
+    head = base.get_output_embeddings() if hasattr(base, 'get_output_embeddings') else None
+    if type(head) is not torch.nn.Linear:
+        raise ValueError(
+            f'CISPO_FP32_LM_HEAD=1 needs a plain torch.nn.Linear output layer; this model has '
+            f'{type(head).__name__} (e.g. a LoRA-wrapped lm_head). Unset CISPO_FP32_LM_HEAD or keep lm_head out '
+            'of --target_modules.'
+        )
+    head.forward = types.MethodType(_fp32_forward, head)
