@@ -106,7 +106,7 @@ class CISPOConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_env(cls, environ: Optional[Mapping[str, str]] = None, **overrides) -> 'CISPOConfig':
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None, **overrides) -> CISPOConfig:
         """Options from `CISPO_*` variables, then `overrides` (keyword arguments win). Unknown variables fail."""
         environ = os.environ if environ is None else environ
         valid = {_env_name(f.name): f for f in dataclasses.fields(cls)}

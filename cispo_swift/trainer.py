@@ -142,7 +142,7 @@ class CISPOGRPOTrainer(GRPOTrainer):
             f'cispo-swift: CISPO loss active: w = sg({weight}) [{cfg.clip_mode}]',
             f'norm={cfg.norm}',
             f'anchor={cfg.anchor}',
-            f'unified_mask={"on (eps %g/%g)" % (cfg.mask_eps_low, cfg.mask_eps_high) if cfg.mask else "off"}',
+            f'unified_mask={f"on (eps {cfg.mask_eps_low:g}/{cfg.mask_eps_high:g})" if cfg.mask else "off"}',
             f'is_level={self.importance_sampling_level}',
             f'beta={self.beta}',
             f'fp32_lm_head={int(cfg.fp32_lm_head)}',
