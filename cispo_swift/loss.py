@@ -111,6 +111,7 @@ def token_scale(
     num_sequences: Optional[float] = None,
     group_tokens: Optional[torch.Tensor] = None,
     num_groups: Optional[float] = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """The factor s_{i,t} that `aggregate` applies to each token, [B, 1] or scalar.
 
@@ -121,7 +122,6 @@ def token_scale(
     N_tok, N_seq and N_groups count the whole generation batch on all ranks; `group_tokens` [B] is the token
     count of the prompt group each sequence belongs to, also counted globally.
     """
-    dtype = torch.float32 if not mask.dtype.is_floating_point else mask.dtype
     if mode == 'token':
         return torch.tensor(1.0 / max(float(num_tokens), 1.0), dtype=dtype, device=mask.device)
     if mode == 'sequence':

@@ -1,0 +1,158 @@
+"""Options from the environment and the Python API, and the checks the trainer makes before training starts."""
+
+import json
+import logging
+
+import pytest
+from stubs import make_trainer
+
+from cispo_swift import config as C
+from cispo_swift.config import CISPOConfig
+
+
+def test_defaults_are_the_paper_and_swift_conventions():
+    cfg = CISPOConfig.from_env(environ={})
+    assert (cfg.clip_mode, cfg.eps_low, cfg.mask, cfg.anchor, cfg.norm, cfg.fp32_lm_head) == (
+        'absolute',
+        None,
+        False,
+        'old',
+        'token',
+        False,
+    )
+
+
+def test_environment_variables_are_parsed():
+    env = {
+        'CISPO_CLIP_MODE': 'relative',
+        'CISPO_EPS_LOW': '0.5',
+        'CISPO_MASK': 'true',
+        'CISPO_MASK_EPS_HIGH': '0.28',
+        'CISPO_NORM': 'prompt',
+        'CISPO_FP32_LM_HEAD': '1',
+        'OTHER': 'x',
+    }
+    cfg = CISPOConfig.from_env(environ=env)
+    assert cfg.clip_mode == 'relative' and cfg.eps_low == 0.5 and cfg.mask is True
+    assert cfg.mask_eps_high == 0.28 and cfg.norm == 'prompt' and cfg.fp32_lm_head is True
+
+
+def test_keyword_overrides_win_over_environment():
+    cfg = CISPOConfig.from_env(environ={'CISPO_NORM': 'prompt'}, norm='sequence')
+    assert cfg.norm == 'sequence'
+
+
+@pytest.mark.parametrize(
+    'env, message',
+    [
+        ({'CISPO_NORMS': 'token'}, 'Unknown CISPO option variable(s): CISPO_NORMS. Valid ones: CISPO_ANCHOR'),
+        ({'CISPO_NORM': 'tokens'}, "CISPO_NORM='tokens' is not valid: it must be one of token, sequence, prompt"),
+        ({'CISPO_CLIP_MODE': 'abs'}, 'must be one of absolute, relative'),
+        ({'CISPO_ANCHOR': 'vllm'}, 'must be one of old, rollout'),
+        ({'CISPO_MASK': 'maybe'}, "CISPO_MASK='maybe' is not a boolean"),
+        ({'CISPO_MASK_EPS_LOW': 'wide'}, "CISPO_MASK_EPS_LOW='wide' is not a number"),
+        ({'CISPO_MASK_EPS_LOW': '-0.1'}, 'CISPO_MASK_EPS_LOW=-0.1 must be ≥ 0'),
+        ({'CISPO_EPS_LOW': '0.2'}, 'exists only in `relative` mode'),
+        ({'CISPO_CLIP_MODE': 'relative', 'CISPO_EPS_LOW': '1.5'}, 'eps_low must be in [0, 1]'),
+    ],
+)
+def test_bad_options_fail_with_what_why_and_what_to_do(env, message):
+    with pytest.raises(ValueError) as err:
+        CISPOConfig.from_env(environ=env)
+    assert message in str(err.value)
+
+
+def test_unknown_keyword_option_is_a_type_error():
+    with pytest.raises(TypeError, match='Unknown CISPO option'):
+        CISPOConfig.from_env(environ={}, nrom='token')
+
+
+def test_configure_sets_config_and_registers_trainer():
+    from swift.trainers import TrainerFactory
+
+    saved_mapping = TrainerFactory.TRAINER_MAPPING['grpo']
+    try:
+        cfg = C.configure(norm='sequence')
+        assert C.current_config() is cfg and cfg.norm == 'sequence'
+        assert TrainerFactory.TRAINER_MAPPING['grpo'] == 'cispo_swift.trainer.CISPOGRPOTrainer'
+    finally:
+        C._configured = None
+        TrainerFactory.TRAINER_MAPPING['grpo'] = saved_mapping
+
+
+def test_options_table_lists_every_option():
+    table = C.options_table()
+    for name in ('CISPO_CLIP_MODE', 'CISPO_EPS_LOW', 'CISPO_MASK', 'CISPO_ANCHOR', 'CISPO_NORM'):
+        assert f'`{name}`' in table
+
+
+# ---- trainer start-up checks ------------------------------------------------------------------------------
+
+
+def test_unset_epsilon_high_uses_cap_five_not_swifts_epsilon():
+    trainer = make_trainer(epsilon_high=None, epsilon=0.2)
+    assert (trainer.cispo_lower, trainer.cispo_upper) == (None, 5.0)
+    assert 'instead of swift' in trainer.cispo_default_note and '0.2' in trainer.cispo_default_note
+    assert trainer._cispo_summary().startswith('cispo-swift: CISPO loss active: w = sg(min(r, 5.0)) [absolute]')
+
+
+def test_unset_epsilon_high_relative_mode_gives_the_same_cap():
+    trainer = make_trainer(CISPOConfig(clip_mode='relative'), epsilon_high=None)
+    assert (trainer.cispo_lower, trainer.cispo_upper) == (None, 5.0)
+
+
+@pytest.mark.parametrize(
+    'eps_high, message',
+    [
+        (0.0, 'the bound must be positive'),
+        (-1.0, 'the bound must be positive'),
+        (0.28, 'every on-policy token (r = 1) would be down-weighted to 0.28'),
+    ],
+)
+def test_bad_epsilon_high_is_refused(eps_high, message):
+    with pytest.raises(ValueError) as err:
+        make_trainer(epsilon_high=eps_high)
+    assert message in str(err.value)
+
+
+def test_small_epsilon_high_is_fine_in_relative_mode():
+    trainer = make_trainer(CISPOConfig(clip_mode='relative', eps_low=0.2), epsilon_high=0.28)
+    assert (trainer.cispo_lower, trainer.cispo_upper) == (pytest.approx(0.8), pytest.approx(1.28))
+
+
+def test_unknown_loss_type_lists_valid_ones():
+    with pytest.raises(ValueError) as err:
+        make_trainer(loss_type='cispoo')
+    assert "--loss_type 'cispoo' is not a GRPO loss type" in str(err.value)
+    assert 'cispo' in str(err.value) and 'dapo' in str(err.value)
+
+
+def test_other_loss_types_skip_cispo_set_up():
+    trainer = make_trainer(loss_type='dapo', epsilon_high=0.28)
+    assert trainer.cispo_active is False and trainer.epsilon_high == 0.28
+
+
+def test_liger_is_refused_and_rollout_anchor_needs_vllm():
+    with pytest.raises(ValueError, match='use_liger_kernel'):
+        make_trainer(use_liger_kernel=True)
+    with pytest.raises(ValueError, match='--use_vllm true'):
+        make_trainer(CISPOConfig(anchor='rollout'), use_vllm=False)
+
+
+def test_delta_warns_that_it_has_no_effect(caplog):
+    from swift.utils import get_logger
+
+    logger = get_logger()
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING):
+            make_trainer(delta=3.0)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert any('--delta 3.0 has no effect with --loss_type cispo' in r.getMessage() for r in caplog.records)
+
+
+def test_effective_settings_are_json_serialisable():
+    trainer = make_trainer()
+    settings = json.loads(json.dumps(trainer.cispo_effective_settings()))
+    assert settings['weight_upper'] == 5.0 and settings['norm'] == 'token'
