@@ -112,8 +112,9 @@ def attach_logps(trainer, logits, ids, entropies):
     """Route the trainer's log-prob computation to log_softmax(logits) gathered at ids."""
 
     def fake(model, model_inputs, grpo_batch, compute_entropy=False, origin_data=None):
-        logps = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-        return logps, (entropies if compute_entropy else None)
+        rows = model_inputs.get('rows', slice(None))  # a chunk of the batch selects its rows
+        logps = torch.log_softmax(logits[rows], -1).gather(-1, ids[rows].unsqueeze(-1)).squeeze(-1)
+        return logps, (entropies[rows] if compute_entropy else None)
 
     trainer._get_per_token_logps_and_entropies = fake
     return trainer

@@ -1,0 +1,199 @@
+"""CISPO options inside the trainer, against references written here (values and gradients)."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from stubs import attach_logps, make_batch, make_trainer, our_loss
+
+from cispo_swift.config import CISPOConfig
+
+
+def _logps(logits, ids):
+    return torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+def _reference(logps, anchor, adv, mask, n, cap=5.0, token_mask=None):
+    """Loop reference for the token-normalised CISPO loss."""
+    total = logps.new_zeros(())
+    B, T = logps.shape
+    for i in range(B):
+        for t in range(T):
+            if mask[i, t] and (token_mask is None or token_mask[i, t]):
+                w = min(math.exp(float(logps[i, t].detach() - anchor[i, t])), cap)
+                total = total - w * float(adv[i, t]) * logps[i, t]
+    return total / n
+
+
+def _run(cispo, seed=1, **args):
+    logits, ids, batch, entropies = make_batch(seed, rollout=True)
+    trainer = attach_logps(make_trainer(cispo, **args), logits, ids, entropies)
+    loss, metrics = our_loss(trainer, batch)
+    (grad,) = torch.autograd.grad(loss, logits)
+    return loss, grad, logits, ids, batch, trainer
+
+
+def test_rollout_anchor_uses_inference_logprobs():
+    loss, grad, logits, ids, batch, _ = _run(CISPOConfig(anchor='rollout'), use_vllm=True)
+    logps = _logps(logits, ids)
+    ref = _reference(
+        logps, batch.rollout_per_token_logps, batch.advantages, batch.completion_mask, batch.num_items_in_batch
+    )
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-8)
+    old_loss, *_ = _run(CISPOConfig(anchor='old'), use_vllm=True)
+    assert not torch.allclose(loss, old_loss)
+
+
+def test_rollout_anchor_on_policy_step_is_not_inert():
+    """Fully on-policy (π_old = π_θ): the `old` anchor gives r ≡ 1, the rollout anchor still reweights."""
+
+    def on_policy(anchor):
+        logits, ids, batch, entropies = make_batch(2, rollout=True)
+        with torch.no_grad():
+            current = _logps(logits, ids)
+        batch.old_per_token_logps = current.clone()
+        batch.rollout_per_token_logps = current + 0.5 * torch.randn(
+            current.shape, generator=torch.Generator().manual_seed(0)
+        )
+        trainer = attach_logps(make_trainer(CISPOConfig(anchor=anchor), use_vllm=True), logits, ids, entropies)
+        _, metrics = our_loss(trainer, batch)
+        return metrics['cispo_sums']
+
+    old, rollout = on_policy('old'), on_policy('rollout')
+    assert old['ratio_min'] == pytest.approx(1.0) and old['ratio_max'] == pytest.approx(1.0)
+    assert rollout['ratio_max'] > 1.1 and rollout['ratio_min'] < 0.9
+
+
+def test_rollout_anchor_without_rollout_logprobs_is_a_clear_error():
+    logits, ids, batch, entropies = make_batch(1, rollout=False)
+    trainer = attach_logps(make_trainer(CISPOConfig(anchor='rollout'), use_vllm=True), logits, ids, entropies)
+    with pytest.raises(RuntimeError, match='CISPO_ANCHOR=rollout, but this batch carries no rollout log-probs'):
+        our_loss(trainer, batch)
+
+
+def test_unified_mask_in_trainer_matches_reference():
+    cfg = CISPOConfig(mask=True, mask_eps_low=0.2, mask_eps_high=0.28)
+    loss, grad, logits, ids, batch, _ = _run(cfg)
+    logps = _logps(logits, ids)
+    r = torch.exp(logps.detach() - batch.old_per_token_logps)
+    adv = batch.advantages
+    keep = ~(((adv > 0) & (r > 1.28)) | ((adv < 0) & (r < 0.8)))
+    assert (~keep & batch.completion_mask).any()
+    ref = _reference(
+        logps, batch.old_per_token_logps, adv, batch.completion_mask, batch.num_items_in_batch, token_mask=keep
+    )
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize('norm', ['sequence', 'prompt'])
+def test_sequence_and_prompt_normalisation_over_micro_batches(norm):
+    """Two micro-batches of one generation batch: the summed micro-batch losses (what gradient accumulation
+    adds up) equal the normalised loss over the whole generation batch."""
+    B = 6
+    logits, ids, whole, entropies = make_batch(5, B=2 * B)
+    prompt_ids = ['p0', 'p0', 'p1', 'p1', 'p2', 'p2', 'p3', 'p3', 'p4', 'p4', 'p0', 'p5']  # p0 spans both
+    halves = [slice(0, B), slice(B, 2 * B)]
+    batches = []
+    for sl in halves:
+        b = make_batch(5, B=2 * B)[2]
+        for name in (
+            'completion_mask',
+            'truncated_mask',
+            'seq_lengths',
+            'old_per_token_logps',
+            'ref_per_token_logps',
+            'advantages',
+        ):
+            setattr(b, name, getattr(whole, name)[sl])
+        b.num_items_in_batch = whole.completion_mask.sum().float()
+        batches.append({'model_inputs': {'rows': torch.arange(2 * B)[sl]}, 'grpo_batch': b})
+    samples = [SimpleNamespace(prompt_id=p) for p in prompt_ids]
+    trainer = attach_logps(make_trainer(CISPOConfig(norm=norm)), logits, ids, entropies)
+    trainer.split_by_mini_batches = lambda s: [s[:B], s[B:]]
+    trainer._attach_group_counts(samples, batches)
+    total = sum(trainer._compute_loss_and_metrics(None, mb['model_inputs'], mb['grpo_batch'])[0] for mb in batches)
+
+    logps = _logps(logits, ids)
+    mask = whole.completion_mask
+    w = torch.exp(logps.detach() - whole.old_per_token_logps).clamp(max=5.0)
+    per_token = -w * whole.advantages * logps * mask
+    if norm == 'sequence':
+        ref = sum(per_token[i].sum() / mask[i].sum() for i in range(2 * B)) / (2 * B)
+    else:
+        groups = sorted(set(prompt_ids))
+        ref = sum(
+            sum(per_token[i].sum() for i in range(2 * B) if prompt_ids[i] == g)
+            / sum(mask[i].sum() for i in range(2 * B) if prompt_ids[i] == g)
+            for g in groups
+        ) / len(groups)
+    torch.testing.assert_close(total, ref, rtol=1e-6, atol=1e-7)
+    (g_total,) = torch.autograd.grad(total, logits)
+    (g_ref,) = torch.autograd.grad(ref, logits)
+    torch.testing.assert_close(g_total, g_ref, rtol=1e-5, atol=1e-8)
+
+
+def test_chunked_path_gives_the_unchunked_loss_and_gradient():
+    """--dynamic_num_samples: swift averages chunk losses by samples; ours sums Σ_chunk/N, as unchunked."""
+    B = 6
+    logits, ids, batch, entropies = make_batch(1, B=B)
+    inputs = {'input_ids': ids, 'rows': torch.arange(B)}
+    trainer = attach_logps(make_trainer(per_device_train_batch_size=2), logits, ids, entropies)
+    trainer.dynamic_num_samples = True
+    trainer.is_multimodal = False
+    whole, whole_metrics = trainer._compute_loss_and_metrics(None, inputs, batch)
+    reference = make_trainer()
+    reference._update_metrics(whole_metrics)
+    (g_whole,) = torch.autograd.grad(whole, logits)
+    chunked = trainer._compute_loss_chunked(None, inputs, batch)
+    (g_chunked,) = torch.autograd.grad(chunked, logits)
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(g_chunked, g_whole, rtol=1e-5, atol=1e-8)
+    # The three chunks' metrics are combined into those of the whole batch.
+    for key, values in reference._metrics['train'].items():
+        if key.startswith('cispo'):
+            assert trainer._metrics['train'][key] == pytest.approx(values), key
+    assert trainer._cispo_extrema == reference._cispo_extrema
+
+
+def test_fp32_lm_head_computes_logits_in_float32():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from cispo_swift.trainer import _fp32_lm_head
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    )
+    model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    ids = torch.randint(0, 50, (2, 5))
+    hidden = model.model(input_ids=ids).last_hidden_state
+    assert model(input_ids=ids).logits.dtype == torch.bfloat16
+    _fp32_lm_head(model)
+    logits = model(input_ids=ids).logits
+    assert logits.dtype == torch.float32
+    expected = hidden.float() @ model.lm_head.weight.float().T
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    logits.sum().backward()
+    assert model.lm_head.weight.grad.dtype == torch.bfloat16
+
+
+def test_fp32_lm_head_refuses_a_wrapped_head():
+    from cispo_swift.trainer import _fp32_lm_head
+
+    class Wrapped(torch.nn.Module):
+        def get_output_embeddings(self):
+            return torch.nn.Sequential(torch.nn.Linear(2, 2))
+
+    with pytest.raises(ValueError, match='needs a plain torch.nn.Linear output layer'):
+        _fp32_lm_head(Wrapped())
