@@ -70,6 +70,11 @@ class CISPOConfig:
         "Compute the trainer's LM head (logits) in float32 even when the model runs in bf16 (MiniMax-M1 §3.1: "
         'train/inference probability correlation 0.987 → 0.997).',
     )
+    check_finite: bool = _opt(
+        True,
+        'Stop with an error naming the step, tensor, token count and sequences when a log-prob, anchor or '
+        'advantage of a completion token is NaN/inf, before the optimizer step (costs one sync per micro-batch).',
+    )
 
     def __post_init__(self):
         self.validate()

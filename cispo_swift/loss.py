@@ -138,7 +138,7 @@ def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, scale, world_size: int
     DDP averages gradients over ranks, hence the factor world_size: the ranks' results then average to the
     global sum. An empty mask gives an exact zero (with a graph), never NaN.
     """
-    return (loss_mat * mask * scale).sum() * world_size
+    return torch.where(mask.bool(), loss_mat * scale, 0.0).sum() * world_size
 
 
 def cispo_stats(
@@ -181,6 +181,23 @@ def cispo_stats(
         'ratio_min': torch.where(mask, ratio, inf).min() if mask.numel() else inf,
         'ratio_max': torch.where(mask, ratio, -inf).max() if mask.numel() else -inf,
     }
+
+
+def nonfinite_summary(tensors: Dict[str, Optional[torch.Tensor]], mask: torch.Tensor) -> Optional[str]:
+    """Describe NaN/inf among the completion tokens of each [B, T] (or [B, 1]) tensor; None when all are finite.
+
+    Padding positions are ignored: swift fills them with arbitrary values.
+    """
+    parts = []
+    for name, x in tensors.items():
+        if x is None:
+            continue
+        bad = ~torch.isfinite(x.detach()).expand_as(mask) & mask.bool()
+        count = int(bad.sum())
+        if count:
+            rows = bad.any(-1).nonzero().flatten().tolist()
+            parts.append(f'{name}: {count} token(s) in sequence(s) {rows}')
+    return '; '.join(parts) or None
 
 
 def finalize_stats(sums: Dict[str, float]) -> Dict[str, float]:

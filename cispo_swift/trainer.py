@@ -215,7 +215,10 @@ class CISPOGRPOTrainer(GRPOTrainer):
             anchor_logps = grpo_batch.rollout_per_token_logps
         else:
             anchor_logps = old_logps
-        log_ratio = logps.detach() - anchor_logps  # [B, T]
+        if cfg.check_finite:
+            self._check_finite(logps, anchor_logps, advantages, grpo_batch, completion_mask)
+        # Padding positions hold arbitrary values; a zero log-ratio there keeps NaN/inf out of weights and grads.
+        log_ratio = (logps.detach() - anchor_logps).masked_fill(~grpo_batch.completion_mask, 0.0)  # [B, T]
         if self.importance_sampling_level in ('sequence', 'sequence_token'):
             # With a detached weight, GSPO-token's sg[s]·π/sg[π] has the same value as the sequence weight.
             log_ratio = L.sequence_log_ratio(log_ratio, completion_mask)  # [B, 1]
@@ -271,6 +274,21 @@ class CISPOGRPOTrainer(GRPOTrainer):
         if mode == 'train' and self.chord_sft_iterator is not None:
             loss = compute_chord_loss(self, grpo_loss=loss)
         return loss, metrics_data
+
+    def _check_finite(self, logps, anchor_logps, advantages, grpo_batch: GRPOBatch, completion_mask):
+        tensors = {'log-probs': logps, f'{self.cispo_config.anchor} log-probs': anchor_logps, 'advantages': advantages}
+        if self.beta != 0.0 and not self.kl_in_reward:
+            tensors['reference log-probs'] = grpo_batch.ref_per_token_logps
+        problem = L.nonfinite_summary(tensors, completion_mask)
+        if problem:
+            step = getattr(getattr(self, 'state', None), 'global_step', '?')
+            raise FloatingPointError(
+                f'Non-finite values at global step {step} (rank {self.accelerator.process_index}, sequence indices '
+                f'within this micro-batch): {problem}. The loss would be NaN; training stops before the optimizer '
+                'step. Usual causes: an exploding learning rate or grad norm (lower --learning_rate, set '
+                '--max_grad_norm), fp16 overflow (use bf16), or a reward function returning NaN/inf. '
+                'CISPO_CHECK_FINITE=0 turns this check off.'
+            )
 
     def _token_scale(self, grpo_batch: GRPOBatch, completion_mask: torch.Tensor):
         norm = self.cispo_config.norm

@@ -22,6 +22,7 @@ from cispo_swift.trainer import CISPOGRPOTrainer
 
 class SingleProcessAccelerator:
     num_processes = 1
+    process_index = 0
     is_main_process = True
 
     def gather(self, tensor):

@@ -197,3 +197,41 @@ def test_fp32_lm_head_refuses_a_wrapped_head():
 
     with pytest.raises(ValueError, match='needs a plain torch.nn.Linear output layer'):
         _fp32_lm_head(Wrapped())
+
+
+@pytest.mark.parametrize('where', ['logps', 'advantages', 'old'])
+def test_non_finite_inputs_stop_with_counts_and_sequences(where):
+    logits, ids, batch, entropies = make_batch(1)
+    if where == 'logps':
+        with torch.no_grad():
+            logits[2, 0, ids[2, 0]] = float('nan')
+    elif where == 'advantages':
+        batch.advantages = batch.advantages.clone()
+        batch.advantages[3, :] = float('inf')
+    else:
+        batch.old_per_token_logps[2, 0] = float('-inf')
+    trainer = attach_logps(make_trainer(), logits, ids, entropies)
+    with pytest.raises(FloatingPointError) as err:
+        our_loss(trainer, batch)
+    message = str(err.value)
+    expected = {
+        'logps': 'log-probs: 1 token(s) in sequence(s) [2]',
+        'advantages': f'advantages: {int(batch.completion_mask[3].sum())} token(s) in sequence(s) [3]',
+        'old': 'old log-probs: 1 token(s) in sequence(s) [2]',
+    }[where]
+    assert expected in message and 'before the optimizer step' in message
+
+
+def test_non_finite_padding_is_ignored_and_check_can_be_disabled():
+    logits, ids, batch, entropies = make_batch(1)
+    pad = (~batch.completion_mask).nonzero()[0]
+    batch.old_per_token_logps[pad[0], pad[1]] = float('nan')
+    trainer = attach_logps(make_trainer(), logits, ids, entropies)
+    loss, _ = our_loss(trainer, batch)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    batch.advantages = batch.advantages.clone()
+    batch.advantages[0, 0] = float('nan')
+    trainer = attach_logps(make_trainer(CISPOConfig(check_finite=False)), logits, ids, entropies)
+    loss, _ = our_loss(trainer, batch)
+    assert torch.isnan(loss)
