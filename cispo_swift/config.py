@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
+from cispo_swift.fused import DEFAULT_CHUNK_SIZE
 from cispo_swift.loss import CLIP_MODES, NORM_MODES
 
 ENV_PREFIX = 'CISPO_'
@@ -70,6 +71,18 @@ class CISPOConfig:
         "Compute the trainer's LM head (logits) in float32 even when the model runs in bf16 (MiniMax-M1 §3.1: "
         'train/inference probability correlation 0.987 → 0.997).',
     )
+    fused_logps: bool = _opt(
+        False,
+        "Compute the sampled tokens' log-probs from the last hidden states and the LM head in chunks of tokens, "
+        'never holding the [B, T, V] logits (recomputed chunk by chunk in backward). For long completions and '
+        "large vocabularies; works on any device. Falls back to swift's path, with one log line, where not "
+        'supported (multimodal, sequence parallel, ZeRO-3, LoRA on lm_head, scaled/soft-capped logits).',
+    )
+    fused_chunk_size: int = _opt(
+        DEFAULT_CHUNK_SIZE,
+        'Tokens per chunk of the fused log-prob path: extra memory ≈ chunk · vocab · 6 bytes (fp32 logits and '
+        'their softmax), time nearly flat above a few hundred tokens.',
+    )
     check_finite: bool = _opt(
         True,
         'Stop with an error naming the step, tensor, token count and sequences when a log-prob, anchor or '
@@ -99,6 +112,8 @@ class CISPOConfig:
                     f'CISPO_EPS_LOW={self.eps_low} is out of range: the lower bound 1 − eps_low must lie in [0, 1], '
                     'so eps_low must be in [0, 1]. Unset it for no lower bound (recommended).'
                 )
+        if self.fused_chunk_size < 1:
+            raise ValueError(f'CISPO_FUSED_CHUNK_SIZE={self.fused_chunk_size} must be a positive number of tokens.')
         for name in ('mask_eps_low', 'mask_eps_high'):
             value = getattr(self, name)
             if value < 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import types
+from contextlib import contextmanager
 from typing import Any, Dict, Optional
 
 import torch
@@ -25,6 +26,7 @@ from trl.trainer.grpo_trainer import nanmax, nanmin
 
 from cispo_swift import loss as L
 from cispo_swift.config import DEFAULT_WEIGHT_CAP, CISPOConfig, current_config
+from cispo_swift.fused import chunked_token_logps
 
 logger = get_logger()
 
@@ -112,6 +114,13 @@ class CISPOGRPOTrainer(GRPOTrainer):
             )
         if self.cispo_config.fp32_lm_head:
             _fp32_lm_head(self.accelerator.unwrap_model(self.model))
+        self.cispo_fused = False
+        if self.cispo_config.fused_logps:
+            reason = self._fused_unsupported_reason()
+            if reason:
+                logger.info(f"cispo-swift: CISPO_FUSED_LOGPS=1 falls back to swift's log-prob path: {reason}.")
+            else:
+                self.cispo_fused = True
         self._cispo_extrema = {'train': {}, 'eval': {}}
         logger.info(self._cispo_summary())
         if self.accelerator.is_main_process:
@@ -146,12 +155,63 @@ class CISPOGRPOTrainer(GRPOTrainer):
             f'is_level={self.importance_sampling_level}',
             f'beta={self.beta}',
             f'fp32_lm_head={int(cfg.fp32_lm_head)}',
+            f'fused_logps={int(cfg.fused_logps)}',
             f'ppo_epsilon(metric)={self.epsilon_low}',
         ]
         line = ', '.join(parts)
         if self.cispo_default_note:
             line += f'. {self.cispo_default_note}'
         return line
+
+    # ---- fused log-probs (CISPO_FUSED_LOGPS) ------------------------------------------------------------------
+
+    def _fused_unsupported_reason(self) -> Optional[str]:
+        """Why the chunked LM-head path cannot serve this run, or None."""
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if self.is_multimodal:
+            return 'multimodal models compute logits through their own heads'
+        if self.template.sequence_parallel_size > 1:
+            return 'sequence parallelism computes log-probs in its own (gathering) path'
+        if is_deepspeed_zero3_enabled():
+            return "DeepSpeed ZeRO-3 partitions the LM head weight outside the model's forward"
+        model = self.accelerator.unwrap_model(self.model)
+        base = model.get_base_model() if is_peft_model(model) else model
+        config = getattr(base, 'config', None)
+        for attr in ('final_logit_softcapping', 'logit_scale', 'logits_scaling', 'output_multiplier_scale'):
+            if getattr(config, attr, None) not in (None, 1, 1.0):
+                return f'the model transforms its logits ({attr}={getattr(config, attr)})'
+        if _lm_head(model) is None:
+            kind = type(_output_layer(model)).__name__
+            return f'the output layer is {kind}, not a plain torch.nn.Linear (e.g. LoRA on lm_head)'
+        return None
+
+    def _get_logps_via_local_forward(self, model, model_inputs, logits_to_keep, input_ids, compute_entropy=False):
+        head = _lm_head(self.accelerator.unwrap_model(model)) if getattr(self, 'cispo_fused', False) else None
+        if head is None:
+            return super()._get_logps_via_local_forward(model, model_inputs, logits_to_keep, input_ids, compute_entropy)
+        # swift's own forward (so DDP/DeepSpeed wrappers and hooks run), with the LM head bypassed: the model's
+        # "logits" are then its last hidden states, and the head is applied chunk by chunk.
+        if 'use_cache' in self.model_kwarg_keys:
+            model_inputs['use_cache'] = False
+        if 'logits_to_keep' in self.model_kwarg_keys:
+            model_inputs['logits_to_keep'] = logits_to_keep + 1
+        with _head_returns_hidden(head):
+            hidden = model(**model_inputs).logits
+        hidden = hidden[:, -(logits_to_keep + 1) : -1, :]  # [B, T, H]; [1, nnz, H] when padding-free
+        targets = input_ids[:, -logits_to_keep:]
+        B, T, H = hidden.shape
+        logps, entropies = chunked_token_logps(
+            hidden.reshape(B * T, H),
+            head.weight,
+            head.bias,
+            targets.reshape(B * T),
+            temperature=self.temperature,
+            chunk_size=self.cispo_config.fused_chunk_size,
+            fp32_head=self.cispo_config.fp32_lm_head,
+            compute_entropy=compute_entropy,
+        )
+        return logps.view(B, T), (entropies.view(B, T) if entropies is not None else None)
 
     # ---- normalisation metadata -------------------------------------------------------------------------------
 
@@ -457,6 +517,34 @@ def _copy_group_counts(source: GRPOBatch, target: GRPOBatch, start: int, end: in
     target.cispo_group_tokens = source.cispo_group_tokens[start:end]
 
 
+def _output_layer(model: torch.nn.Module) -> Optional[torch.nn.Module]:
+    base = model.get_base_model() if is_peft_model(model) else model
+    return base.get_output_embeddings() if hasattr(base, 'get_output_embeddings') else None
+
+
+def _lm_head(model: torch.nn.Module) -> Optional[torch.nn.Linear]:
+    """The model's output layer when it is a plain nn.Linear (the fused path needs its weight and bias)."""
+    head = _output_layer(model)
+    return head if type(head) is torch.nn.Linear else None
+
+
+@contextmanager
+def _head_returns_hidden(head: torch.nn.Module):
+    saved = head.__dict__.get('forward')  # an instance-level forward, e.g. the FP32 head
+    head.forward = _identity
+    try:
+        yield
+    finally:
+        if saved is None:
+            del head.forward
+        else:
+            head.forward = saved
+
+
+def _identity(hidden_states: torch.Tensor) -> torch.Tensor:
+    return hidden_states
+
+
 def _fp32_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     bias = None if self.bias is None else self.bias.float()
     return F.linear(hidden_states.float(), self.weight.float(), bias)
@@ -464,12 +552,11 @@ def _fp32_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 def _fp32_lm_head(model: torch.nn.Module) -> None:
     """MiniMax-M1's precision fix: the LM head computes its logits in float32 whatever the model's dtype."""
-    base = model.get_base_model() if is_peft_model(model) else model
-    head = base.get_output_embeddings() if hasattr(base, 'get_output_embeddings') else None
-    if type(head) is not torch.nn.Linear:
+    head = _lm_head(model)
+    if head is None:
         raise ValueError(
             f'CISPO_FP32_LM_HEAD=1 needs a plain torch.nn.Linear output layer; this model has '
-            f'{type(head).__name__} (e.g. a LoRA-wrapped lm_head). Unset CISPO_FP32_LM_HEAD or keep lm_head out '
-            'of --target_modules.'
+            f'{type(_output_layer(model)).__name__} (e.g. a LoRA-wrapped lm_head). Unset CISPO_FP32_LM_HEAD or keep '
+            'lm_head out of --target_modules.'
         )
     head.forward = types.MethodType(_fp32_forward, head)

@@ -108,3 +108,22 @@ def test_bad_input_fails_before_training_with_a_clear_message(tiny, tmp_path, fl
     output = result.stdout + result.stderr
     assert message in output
     assert not (tmp_path / 'run' / 'logging.jsonl').exists() or not logged_steps(tmp_path / 'run')
+
+
+def test_fused_logps_log_the_same_losses(tiny, tmp_path):
+    # No --top_entropy_quantile here: its mask compares entropies with their own quantile, so a last-bit
+    # difference flips the token sitting at the threshold (the entropies themselves are compared below).
+    flags = ['--log_entropy', 'true']
+    env = {'CISPO_FUSED_LOGPS': '1', 'CISPO_FUSED_CHUNK_SIZE': '7'}
+    fused = run_swift(tiny, tmp_path / 'fused', *flags, env=env)
+    check_ok(fused)
+    assert 'falls back' not in fused.stdout + fused.stderr
+    builtin = run_swift(tiny, tmp_path / 'builtin', *flags, plugin=False)
+    check_ok(builtin)
+    fused_rows, builtin_rows = logged_steps(tmp_path / 'fused'), logged_steps(tmp_path / 'builtin')
+    assert len(fused_rows) == len(builtin_rows) == 4
+    for a, b in zip(fused_rows, builtin_rows):
+        # Chunked float32 sums differ from swift's full log-softmax in the last bits only.
+        assert a['loss'] == pytest.approx(b['loss'], rel=1e-4, abs=1e-6)
+        assert a['grad_norm'] == pytest.approx(b['grad_norm'], rel=1e-4)
+        assert a['entropy/mean'] == pytest.approx(b['entropy/mean'], rel=1e-4)
