@@ -6,15 +6,16 @@
 # --num_iterations 2 reuses each generation batch for a second step, so the ratio r is not identically 1.
 # cispo_tiny_letter_exact has weight 0: logged as rewards/TinyLetterExact/mean (an accuracy), not trained on.
 # --check_model false skips a model-hub query that retries for seconds without network.
-# Built-in swift cispo instead of the plugin's:  CISPO_PLUGIN=none bash examples/tiny_cpu.sh
+# Built-in swift cispo instead of the plugin's:  PLUGIN=none bash examples/tiny_cpu.sh
+# The plugin's own options are CISPO_* environment variables; they pass through to swift.
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MODEL_DIR=${MODEL_DIR:-$ROOT/runs/tiny/model}
 DATA=${DATA:-$ROOT/runs/tiny/data/train.jsonl}
 OUTPUT_DIR=${OUTPUT_DIR:-$ROOT/runs/tiny/output}
-CISPO_PLUGIN=${CISPO_PLUGIN:-$(python -m cispo_swift plugin-path)} || exit 1
+PLUGIN=${PLUGIN:-$(python -m cispo_swift plugin-path)} || exit 1
 TASKS_PLUGIN=${TASKS_PLUGIN:-$(python -m cispo_swift plugin-path --tasks)} || exit 1
 PLUGINS=("$TASKS_PLUGIN")
-[ "$CISPO_PLUGIN" = none ] || PLUGINS=("$CISPO_PLUGIN" "${PLUGINS[@]}")
+[ "$PLUGIN" = none ] || PLUGINS=("$PLUGIN" "${PLUGINS[@]}")
 export MODELSCOPE_OFFLINE=1
 export HF_HUB_OFFLINE=1
 export CUDA_VISIBLE_DEVICES=''

@@ -192,8 +192,9 @@ def test_example_raises_the_reward(loss, tmp_path):
     if loss == 'plugin' and not (ROOT / 'cispo_swift' / 'plugin.py').is_file():
         pytest.skip('cispo_swift/plugin.py is not in this tree')
     paths = build(str(tmp_path / 'tiny'))
+    env = {k: v for k, v in os.environ.items() if not k.startswith('CISPO_')}  # the plugin's options: defaults
     env = {
-        **os.environ,
+        **env,
         **OFFLINE,
         'PATH': os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', ''),
         'PYTHONPATH': str(ROOT),
@@ -201,7 +202,7 @@ def test_example_raises_the_reward(loss, tmp_path):
         'DATA': paths['train'],
         'OUTPUT_DIR': str(tmp_path / 'out'),
         'TASKS_PLUGIN': str(ROOT / 'cispo_swift' / 'tasks.py'),
-        'CISPO_PLUGIN': 'none' if loss == 'builtin' else str(ROOT / 'cispo_swift' / 'plugin.py'),
+        'PLUGIN': 'none' if loss == 'builtin' else str(ROOT / 'cispo_swift' / 'plugin.py'),
     }
     proc = subprocess.run(['bash', str(ROOT / 'examples' / 'tiny_cpu.sh')], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
