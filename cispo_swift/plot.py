@@ -161,8 +161,8 @@ def plot_runs(
 ) -> List[str]:
     """Draw one panel per metric group present in any run, runs overlaid, to ``out_png``.
 
-    Returns the titles of the panels drawn. Panels whose keys no run logged are left out. With one run the
-    colour tells the keys apart; with several, the colour is the run and the line style the key.
+    Returns the titles of the panels drawn. Panels whose keys no run logged are left out. The line style tells the
+    keys apart; with several runs the colour is the run (with one, the colour is the key too).
     ``smooth`` is a trailing moving-average window over logged points (1 = raw).
     """
     if not run_dirs:
@@ -188,8 +188,8 @@ def plot_runs(
                 steps, values = series(rows, key)
                 if not steps:
                     continue
-                if len(runs) == 1:
-                    style = {'color': colors[j], 'linestyle': '-', 'label': key}
+                if len(runs) == 1:  # line style too, so that curves lying on top of each other stay visible
+                    style = {'color': colors[j], 'linestyle': _LINESTYLES[j % 4], 'label': key}
                 else:
                     style = {'color': colors[r], 'linestyle': _LINESTYLES[j % 4], 'label': f'{label}: {key}'}
                 ax.plot(steps, _smooth(values, smooth), linewidth=1.4, **style)
