@@ -1,0 +1,93 @@
+"""Synthetic tasks for the tiny CPU demo and their rewards, as ms-swift ORMs.
+
+This file is also an ``--external_plugins`` file: importing it registers the rewards in
+``swift.rewards.orms`` under the names below, so ``--reward_funcs cispo_tiny_letter`` works. swift loads
+plugin files with ``spec_from_file_location`` under a hashed module name, so imports here stay absolute.
+
+Task ``letter``: the user asks for one letter repeated (``Write the letter b again and again.``); the row
+carries that letter in the ``letter`` column. A randomly initialised model emits the letter now and then,
+which is enough for group-relative advantages to find it.
+
+    cispo_tiny_letter        partial credit: share of the completion's non-space characters equal to ``letter``
+    cispo_tiny_letter_exact  1.0 when every non-space character is ``letter`` (at least one), else 0.0
+"""
+
+import os
+import random
+import sys
+from typing import Dict, List, Optional
+
+# swift puts a plugin file's directory first on sys.path; this package's module names (config, loss, trainer...)
+# would then shadow top-level modules of the same name for the rest of the run.
+_here = os.path.dirname(os.path.abspath(__file__))
+while _here in sys.path:
+    sys.path.remove(_here)
+
+from swift.rewards import ORM, orms  # noqa: E402
+
+LETTER_PROMPTS = (
+    'Write the letter {letter} again and again.',
+    'Repeat the letter {letter}.',
+    'Say {letter} many times.',
+    'Only write {letter}.',
+)
+DEFAULT_LETTERS = 'a'
+
+
+def letter_fraction(completion: str, letter: str) -> float:
+    """Share of the non-whitespace characters in ``completion`` equal to ``letter`` (0.0 if there are none).
+
+    Whitespace is ignored so that ``a a a`` and ``aaa`` both score 1.0: the byte-level BPE has both
+    ``a`` and `` a`` tokens, and either way of repeating the letter is a correct answer.
+    """
+    chars = ''.join(completion.split())
+    if not chars:
+        return 0.0
+    return chars.count(letter) / len(chars)
+
+
+def letter_exact(completion: str, letter: str) -> float:
+    """1.0 when the completion has non-whitespace characters and all of them are ``letter``, else 0.0."""
+    chars = ''.join(completion.split())
+    return float(bool(chars) and chars == letter * len(chars))
+
+
+def letter_rows(n: int, seed: int, letters: str = DEFAULT_LETTERS) -> List[Dict]:
+    """``n`` rows in swift's ``messages`` format plus the ``letter`` column the rewards read."""
+    if not letters:
+        raise ValueError('letters is empty: give at least one target letter, e.g. letters="a".')
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        letter = rng.choice(letters)
+        prompt = rng.choice(LETTER_PROMPTS).format(letter=letter)
+        rows.append({'messages': [{'role': 'user', 'content': prompt}], 'letter': letter})
+    return rows
+
+
+TASKS = {'letter': letter_rows}
+
+
+class TinyLetter(ORM):
+    """Partial credit: share of the completion's non-whitespace characters equal to the row's ``letter``."""
+
+    def __call__(self, completions: List[str], letter: Optional[List[str]] = None, **kwargs) -> List[float]:
+        if letter is None:
+            raise ValueError('cispo_tiny_letter needs a "letter" column in the dataset (see cispo_swift.tasks).')
+        return [letter_fraction(c, t) for c, t in zip(completions, letter)]
+
+
+class TinyLetterExact(ORM):
+    """1.0 when every non-whitespace character of the completion is the row's ``letter`` (at least one), else 0.0."""
+
+    def __call__(self, completions: List[str], letter: Optional[List[str]] = None, **kwargs) -> List[float]:
+        if letter is None:
+            raise ValueError('cispo_tiny_letter_exact needs a "letter" column in the dataset (see cispo_swift.tasks).')
+        return [letter_exact(c, t) for c, t in zip(completions, letter)]
+
+
+ORMS = {
+    'cispo_tiny_letter': TinyLetter,
+    'cispo_tiny_letter_exact': TinyLetterExact,
+}
+orms.update(ORMS)
