@@ -1,4 +1,4 @@
-"""`python -m cispo_swift COMMAND`: plugin-path, options."""
+"""`python -m cispo_swift COMMAND`: plugin-path, options, plot, summary."""
 
 from __future__ import annotations
 
@@ -8,11 +8,18 @@ import sys
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ('plot', 'summary'):
+        from cispo_swift import plot
+
+        return plot.main(argv[1:]) if argv[0] == 'plot' else plot.summary_main(argv[1:])
     parser = argparse.ArgumentParser(prog='python -m cispo_swift', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
     path = sub.add_parser('plugin-path', help='print the absolute path of the file for --external_plugins')
     path.add_argument('--tasks', action='store_true', help="the synthetic demo tasks' reward plugin instead")
     sub.add_parser('options', help='print the CISPO_* options as a Markdown table')
+    sub.add_parser('plot', help='plot swift logging.jsonl of one or more runs: plot RUN_DIR... -o out.png')
+    sub.add_parser('summary', help='first-vs-last reward and the CISPO metrics of a run: summary RUN_DIR')
     args = parser.parse_args(argv)
     here = os.path.dirname(os.path.abspath(__file__))
     if args.command == 'plugin-path':

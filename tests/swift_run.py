@@ -55,7 +55,7 @@ def run_swift(
     cmd = [SWIFT, 'rlhf', *BASE_FLAGS, '--model', tiny['model'], '--dataset', tiny['train']]
     cmd += ['--output_dir', str(output_dir), '--external_plugins', *plugins, *flags]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith('CISPO_')}
-    full_env.update(MODELSCOPE_OFFLINE='1', HF_HUB_OFFLINE='1', TOKENIZERS_PARALLELISM='false')
+    full_env.update(MODELSCOPE_OFFLINE='1', HF_HUB_OFFLINE='1', TOKENIZERS_PARALLELISM='false', OMP_NUM_THREADS='1')
     full_env.update(env or {})
     return subprocess.run(
         cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=str(output_dir.parent)
