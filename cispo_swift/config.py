@@ -37,7 +37,8 @@ class CISPOConfig:
         'absolute',
         'How --epsilon_high bounds the weight. `absolute`: w = min(r, ε_high), ε_high is the cap itself (swift, '
         'TRL, ScaleRL; default cap 5.0). `relative`: w = clip(r, 1 − ε_low, 1 + ε_high), MiniMax-M1 eq. 5 '
-        '(verl, SkyRL, NeMo-RL); default ε_high 4.0, i.e. the same cap 5.0.',
+        '(verl, SkyRL, NeMo-RL); default ε_high 4.0, i.e. the same cap 5.0. Use `relative` to reproduce a run or '
+        'a config written for those frameworks.',
         CLIP_MODES,
     )
     eps_low: Optional[float] = _opt(
@@ -48,7 +49,9 @@ class CISPOConfig:
     mask: bool = _opt(
         False,
         'Unified token mask, MiniMax-M1 eq. 6–7: drop tokens with (Â > 0, r > 1 + mask_eps_high) or '
-        "(Â < 0, r < 1 − mask_eps_low). Small eps recover PPO's trust region; large eps are plain CISPO.",
+        "(Â < 0, r < 1 − mask_eps_low). Small eps recover PPO's trust region; large eps are plain CISPO. Use it "
+        'to put a trust region back when many off-policy updates per batch destabilise training (ROLL and '
+        'Trinity-RFT offer the same mask).',
     )
     mask_eps_low: float = _opt(0.2, 'ε_low of the unified mask (relative: drops Â < 0 tokens with r < 1 − ε).')
     mask_eps_high: float = _opt(0.2, 'ε_high of the unified mask (relative: drops Â > 0 tokens with r > 1 + ε).')
@@ -56,20 +59,23 @@ class CISPOConfig:
         'old',
         'Denominator of r. `old`: π_old recomputed by the trainer (the paper). `rollout`: the inference '
         "engine's log-probs (SkyRL), so single-step on-policy training still corrects the train/inference "
-        'mismatch instead of having r ≡ 1. Needs rollout log-probs (vLLM generation).',
+        'mismatch instead of having r ≡ 1. Needs rollout log-probs (vLLM generation). Use it with vLLM and '
+        '--num_iterations 1, where the `old` anchor makes CISPO plain REINFORCE.',
         ANCHORS,
     )
     norm: str = _opt(
         'token',
         'Loss normalisation. `token`: Σ over tokens / total completion tokens of the generation batch (paper '
-        'eq. 4, DAPO). `sequence`: mean of per-sequence means (GRPO). `prompt`: per prompt group 1/Σ_g|o_g|, '
-        'averaged over groups (ScaleRL).',
+        "eq. 4, DAPO). `sequence`: mean of per-sequence means (GRPO paper). `prompt`: each prompt group's token "
+        "sum over its own token count, averaged over groups (ScaleRL's prompt-level averaging, part of its "
+        'recipe; keeps long answers from dominating across prompts while weighting tokens equally within one).',
         NORM_MODES,
     )
     fp32_lm_head: bool = _opt(
         False,
         "Compute the trainer's LM head (logits) in float32 even when the model runs in bf16 (MiniMax-M1 §3.1: "
-        'train/inference probability correlation 0.987 → 0.997).',
+        "train/inference probability correlation 0.987 → 0.997; also in ScaleRL's recipe). Use it with bf16 "
+        'models, above all with vLLM generation.',
     )
     fused_logps: bool = _opt(
         False,
