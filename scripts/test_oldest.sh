@@ -2,10 +2,11 @@
 # Run the fast tests against the oldest supported ms-swift (4.5.3, requirements-swift45.lock) in .venv-swift45.
 # Idempotent like setup.sh: the venv is built once and rebuilt only when the lock or pyproject.toml changes.
 # Extra arguments go to pytest (default: the whole tests/ directory without the slow end-to-end tests).
+# SWIFT45_VENV=DIR puts the venv elsewhere (e.g. outside a CI clone, so that it survives between runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-VENV=.venv-swift45
+VENV=${SWIFT45_VENV:-.venv-swift45}
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
@@ -19,4 +20,5 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 "$VENV/bin/python" -c 'import swift.version, transformers; print(f"ms-swift {swift.version.__version__}, transformers {transformers.__version__}")'
-exec "$VENV/bin/python" -m pytest -q -m 'not slow' "$@"
+export MODELSCOPE_OFFLINE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider -m 'not slow' "$@"
