@@ -24,6 +24,7 @@ from swift.rlhf_trainers.utils import compute_chord_loss
 from swift.utils import get_logger
 from trl.trainer.grpo_trainer import nanmax, nanmin
 
+from cispo_swift import compat
 from cispo_swift import loss as L
 from cispo_swift.config import DEFAULT_WEIGHT_CAP, CISPOConfig, current_config
 from cispo_swift.fused import chunked_token_logps
@@ -305,7 +306,7 @@ class CISPOGRPOTrainer(GRPOTrainer):
             completion_mask = completion_mask & keep.unsqueeze(-1).expand_as(completion_mask)
 
         loss = L.aggregate(per_token_loss, completion_mask, self._token_scale(grpo_batch, completion_mask))
-        loss = self._undo_gradient_accumulation_scaling(loss)
+        loss = compat.undo_gradient_accumulation_scaling(self, loss)
 
         if self.sdar_loss_coef > 0 and grpo_batch.teacher_per_token_logps is not None:
             sdar_loss, sdar_metrics = compute_sdar_loss(
@@ -330,7 +331,7 @@ class CISPOGRPOTrainer(GRPOTrainer):
             mean_kl = (per_token_kl * completion_mask).sum() / completion_mask.sum().clamp(min=1.0)
             metrics_data['kl'] = self.accelerator.gather_for_metrics(mean_kl).nanmean().item()
         if rollout_metrics:
-            metrics_data['rollout_correction'] = self._gather_rollout_metrics(rollout_metrics)
+            metrics_data['rollout_correction'] = compat.gather_rollout_metrics(self, rollout_metrics)
         if mode == 'train' and self.chord_sft_iterator is not None:
             loss = compute_chord_loss(self, grpo_loss=loss)
         return loss, metrics_data
@@ -403,15 +404,6 @@ class CISPOGRPOTrainer(GRPOTrainer):
         if rollout_log_ratio is not None:
             metrics.update(self._compute_is_correction_metrics(rollout_log_ratio, weights, completion_mask))
         return metrics, weights
-
-    def _gather_rollout_metrics(self, rollout_metrics):
-        values = torch.stack(list(rollout_metrics.values())).detach().unsqueeze(0)
-        gathered = self.accelerator.gather_for_metrics(values)
-        result = dict(zip(rollout_metrics, gathered.nanmean(0).unbind()))
-        for key, reduce in (('log_ppl_diff_max', torch.max), ('log_ppl_diff_min', torch.min)):
-            if key in rollout_metrics:
-                result[key] = reduce(gathered[:, list(rollout_metrics).index(key)])
-        return result
 
     def _gathered_stats(self, log_ratio, advantages, completion_mask) -> Dict[str, float]:
         """`loss.cispo_stats` summed (min/max reduced) over all ranks."""

@@ -122,7 +122,7 @@ def attach_logps(trainer, logits, ids, entropies):
 
 
 def swift_loss(trainer, batch):
-    """swift 4.6's built-in loss on the same trainer state (its own `_compute_loss_and_metrics`)."""
+    """The installed swift's built-in loss on the same trainer state (its own `_compute_loss_and_metrics`)."""
     return GRPOTrainer._compute_loss_and_metrics(trainer, None, {}, batch)
 
 

@@ -1,9 +1,11 @@
-"""Our `--loss_type cispo` against swift 4.6's built-in one on the same batch: loss, gradients and metrics."""
+"""Our `--loss_type cispo` against the installed swift's built-in one (4.5.3 or 4.6) on the same batch: loss,
+gradients and metrics."""
 
 import pytest
 import torch
 from stubs import attach_logps, make_batch, make_trainer, our_loss, swift_loss
 
+from cispo_swift import compat
 from cispo_swift.config import CISPOConfig
 
 
@@ -34,7 +36,15 @@ def test_default_settings_match_swift(seed):
 
 def test_batch_has_clipped_tokens_and_gradient_accumulation_scaling():
     swift_result, ours = _both(1, gradient_accumulation_steps=4)
-    _assert_same(swift_result, ours)
+    if compat.swift_undoes_ga_scaling():
+        _assert_same(swift_result, ours)
+    else:
+        # ms-swift 4.5 leaves the Trainer's division by GA on a loss already normalised by the whole window's
+        # tokens: its gradient is GA times too small. Ours multiplies back, as ms-swift 4.6 does.
+        _assert_same((4 * swift_result[0], 4 * swift_result[1]), ours)
+    # Whatever the swift version: the loss handed to the Trainer (which divides it by GA) is GA · Σ/N.
+    _, ours_ga1 = _both(1, gradient_accumulation_steps=1)
+    _assert_same((4 * ours_ga1[0], 4 * ours_ga1[1]), ours)
     # The batch exercises the cap: some tokens have r > 5.
     _, _, batch, _ = make_batch(1)
     logits, ids, _, _ = make_batch(1)
