@@ -8,3 +8,5 @@ export MODELSCOPE_OFFLINE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# The oldest supported ms-swift (4.5.3), fast tests, in its own venv.
+bash scripts/test_oldest.sh
