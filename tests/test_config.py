@@ -156,3 +156,10 @@ def test_effective_settings_are_json_serialisable():
     trainer = make_trainer()
     settings = json.loads(json.dumps(trainer.cispo_effective_settings()))
     assert settings['weight_upper'] == 5.0 and settings['norm'] == 'token'
+
+
+def test_readme_options_table_is_current():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / 'README.md').read_text()
+    assert C.options_table() in readme, 'README.md: paste the output of `python -m cispo_swift options`'
