@@ -70,6 +70,12 @@ class CISPOConfig:
         "Compute the trainer's LM head (logits) in float32 even when the model runs in bf16 (MiniMax-M1 §3.1: "
         'train/inference probability correlation 0.987 → 0.997).',
     )
+    allow_config_change: bool = _opt(
+        False,
+        'Resume (--resume_from_checkpoint) even though the CISPO settings saved in the checkpoint '
+        '(cispo_config.json) differ from the current ones. By default such a resume is refused before training, '
+        'listing each difference, because the loss would change mid-run; set this only when the change is intended.',
+    )
 
     def __post_init__(self):
         self.validate()
