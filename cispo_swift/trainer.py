@@ -8,6 +8,7 @@ correction, off-policy sequence mask, gradient-accumulation scaling, CHORD/SDAR 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import types
@@ -21,6 +22,7 @@ from swift.rl_core.data import GRPOBatch
 from swift.rlhf_trainers import GRPOTrainer
 from swift.rlhf_trainers.utils import compute_chord_loss
 from swift.utils import get_logger
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.trainer.grpo_trainer import nanmax, nanmin
 
 from cispo_swift import loss as L
@@ -31,6 +33,16 @@ logger = get_logger()
 # The loss types swift 4.6's GRPOTrainer implements; anything else fails deep inside its loss.
 SWIFT_LOSS_TYPES = ('grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo', 'sapo', 'real', 'fipo')
 CONFIG_FILE = 'cispo_config.json'
+# Saved with the settings but not compared on resume: it does not change the loss.
+RESUME_UNCHECKED = ('allow_config_change',)
+# How to set each saved setting back, for the resume error; the weight bounds follow from the others.
+SETTING_FLAGS = {
+    'epsilon_high': '--epsilon_high',
+    'ppo_epsilon_for_metrics': '--epsilon',
+    'importance_sampling_level': '--importance_sampling_level',
+    'beta': '--beta',
+    'loss_type': '--loss_type',
+}
 
 
 class CISPOGRPOTrainer(GRPOTrainer):
@@ -103,6 +115,7 @@ class CISPOGRPOTrainer(GRPOTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self._check_resume_settings()
         if not self.cispo_active:
             return
         if self.cispo_config.norm != 'token' and self.template.sequence_parallel_size > 1:
@@ -152,6 +165,89 @@ class CISPOGRPOTrainer(GRPOTrainer):
         if self.cispo_default_note:
             line += f'. {self.cispo_default_note}'
         return line
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, *args, **kwargs):
+        result = super()._save_checkpoint(*args, **kwargs)
+        if getattr(self, 'cispo_active', False) and self.args.should_save:
+            # Beside the weights, so that a resume can be checked against the settings they were trained with.
+            checkpoint = os.path.join(self.args.output_dir, f'{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}')
+            with open(os.path.join(checkpoint, CONFIG_FILE), 'w') as f:
+                json.dump(self.cispo_effective_settings(), f, indent=2, sort_keys=True)
+        return result
+
+    def _warn_if_resume_mid_generation(self, checkpoint: str):
+        """swift keeps the completions reused for num_iterations × steps_per_generation micro-steps in memory only
+        (`_buffered_inputs`, `_step`); a resume regenerates at once, so it only continues the run exactly from a
+        checkpoint taken where a new generation batch starts."""
+        try:
+            with open(os.path.join(checkpoint, 'trainer_state.json')) as f:
+                step = int(json.load(f)['global_step'])
+        except (OSError, ValueError, KeyError):
+            return
+        every = self.args.steps_per_generation * self.template.sequence_parallel_size * self.num_iterations
+        micro_steps = step * self.args.gradient_accumulation_steps
+        if micro_steps % every:
+            logger.warning(
+                f'Resuming from step {step}, in the middle of a generation batch: swift generates every {every} '
+                f'micro-steps (num_iterations {self.num_iterations} × steps_per_generation '
+                f'{self.args.steps_per_generation}) and does not save the batch being reused, so this run generates '
+                'a new one now and its off-policy steps differ from an uninterrupted run. For exact resumes, save '
+                f'at steps where step × gradient_accumulation_steps is a multiple of {every}.'
+            )
+
+    def _check_resume_settings(self):
+        """Before training: refuse to resume from a checkpoint saved with other CISPO settings (or by a CISPO run
+        resumed without `--loss_type cispo`), unless CISPO_ALLOW_CONFIG_CHANGE=1."""
+        checkpoint = self.args.resume_from_checkpoint
+        if not isinstance(checkpoint, str) or not os.path.isdir(checkpoint):
+            return  # nothing to resume, or transformers will report the bad path
+        if self.cispo_active:
+            self._warn_if_resume_mid_generation(checkpoint)
+        path = os.path.join(checkpoint, CONFIG_FILE)
+        if not os.path.isfile(path):
+            if self.cispo_active:
+                logger.warning(
+                    f'{checkpoint} has no {CONFIG_FILE} (not saved by cispo-swift, or by a version before 0.1): '
+                    'the CISPO settings of this resumed run cannot be checked against those it was trained with.'
+                )
+            return
+        with open(path) as f:
+            saved = json.load(f)
+        if self.cispo_active:
+            cfg = self.cispo_config
+            current = json.loads(json.dumps(self.cispo_effective_settings()))
+        else:
+            cfg = current_config()
+            saved, current = {'loss_type': 'cispo'}, {'loss_type': self.loss_type}
+        missing = object()
+        changed = [
+            (key, saved.get(key, missing), current.get(key, missing))
+            for key in sorted(set(saved) | set(current))
+            if key not in RESUME_UNCHECKED and saved.get(key, missing) != current.get(key, missing)
+        ]
+        if not changed:
+            logger.info(f'cispo-swift: resuming from {checkpoint} with the CISPO settings it was saved with.')
+            return
+
+        def show(value):
+            return 'absent' if value is missing else repr(value)
+
+        lines = '\n'.join(f'  {key}: {show(old)} in the checkpoint, {show(new)} now' for key, old, new in changed)
+        hints = [_setting_hint(key, old) for key, old, _ in changed if old is not missing]
+        message = (
+            f'Resuming from {checkpoint} with CISPO settings that differ from those saved in {path}:\n{lines}\n'
+            'The loss would change in the middle of the run.'
+        )
+        if cfg.allow_config_change:
+            logger.warning(f'{message} Continuing, because CISPO_ALLOW_CONFIG_CHANGE=1.')
+            return
+        restore = ', '.join(h for h in hints if h) or 'the values above'
+        raise ValueError(
+            f'{message} To resume as trained, use: {restore}. If the change is intended, set '
+            'CISPO_ALLOW_CONFIG_CHANGE=1 (Python API: cispo_swift.configure(..., allow_config_change=True)).'
+        )
 
     # ---- normalisation metadata -------------------------------------------------------------------------------
 
@@ -429,6 +525,17 @@ class CISPOGRPOTrainer(GRPOTrainer):
                 logs[f'{prefix}cispo/{key}'] = value
             self._cispo_extrema[mode].clear()
         super().log(logs, start_time)
+
+
+def _setting_hint(key: str, value) -> Optional[str]:
+    """How to set a saved setting back: `CISPO_NORM=token`, `--beta 0.04`; None for derived ones."""
+    if key in SETTING_FLAGS:
+        return f'{SETTING_FLAGS[key]} {value}'
+    if key in {f.name for f in dataclasses.fields(CISPOConfig)}:
+        if value is None:
+            return f'unset CISPO_{key.upper()}'
+        return f'CISPO_{key.upper()}={int(value) if isinstance(value, bool) else value}'
+    return None
 
 
 def _copy_group_counts(source: GRPOBatch, target: GRPOBatch, start: int, end: int):
