@@ -64,6 +64,7 @@ class CISPOGRPOTrainer(GRPOTrainer):
         self.cispo_config: CISPOConfig = current_config()
         self._resolve_cispo_bounds()
         self._check_cispo_compatibility()
+        self._check_distributed_launch()
 
     def _resolve_cispo_bounds(self):
         args, cfg = self.args, self.cispo_config
@@ -111,6 +112,24 @@ class CISPOGRPOTrainer(GRPOTrainer):
                 "CISPO_ANCHOR=rollout anchors the weight on the inference engine's log-probs, which swift "
                 'collects only when generating with vLLM (--use_vllm true). Use --use_vllm true, or '
                 'CISPO_ANCHOR=old.'
+            )
+
+    def _check_distributed_launch(self):
+        """Refuse a multi-process launch that would train every process alone.
+
+        Without a GPU, swift's launcher starts a gloo process group, but transformers only trains data-parallel
+        on CPU with `--use_cpu true`; otherwise each process sees world size 1, trains on its own full batch
+        (normalised by its own token count) and all of them write the same output_dir.
+        """
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        world = torch.distributed.get_world_size()
+        if world > 1 and self.args.world_size != world:
+            raise RuntimeError(
+                f'{world} processes were launched (NPROC_PER_NODE/torchrun), but the trainer runs with world size '
+                f'{self.args.world_size}: each process would train alone on its own batch and overwrite the '
+                "others' output. On a machine without GPUs add --use_cpu true (data parallel over gloo); "
+                'otherwise launch a single process.'
             )
 
     def __init__(self, *args, **kwargs):
@@ -360,8 +379,7 @@ class CISPOGRPOTrainer(GRPOTrainer):
             'cispo_sums': self._gathered_stats(log_ratio, advantages, completion_mask),
         }
         if per_token_kl is not None:
-            mean_kl = (per_token_kl * completion_mask).sum() / completion_mask.sum().clamp(min=1.0)
-            metrics_data['kl'] = self.accelerator.gather_for_metrics(mean_kl).nanmean().item()
+            metrics_data['kl'] = self._gathered_token_mean(per_token_kl, completion_mask)
         if rollout_metrics:
             metrics_data['rollout_correction'] = self._gather_rollout_metrics(rollout_metrics)
         if mode == 'train' and self.chord_sft_iterator is not None:
@@ -443,6 +461,13 @@ class CISPOGRPOTrainer(GRPOTrainer):
         result['ratio_min'] = extrema[:, 0].min().item()
         result['ratio_max'] = -extrema[:, 1].min().item()
         return result
+
+    def _gathered_token_mean(self, values: torch.Tensor, mask: torch.Tensor) -> float:
+        """Mean of `values` [B, T] over the completion tokens of all ranks. swift's metrics average the per-rank
+        means instead, which over-weights the tokens of a rank with fewer of them."""
+        local = torch.stack([(values.detach() * mask).sum(), mask.sum()]).double().unsqueeze(0)  # [1, 2]
+        total = self.accelerator.gather(local).sum(0)
+        return (total[0] / total[1].clamp(min=1.0)).item()
 
     # ---- chunked path (--dynamic_num_samples) ---------------------------------------------------------------
 
