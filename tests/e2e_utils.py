@@ -95,7 +95,17 @@ def run_swift(
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
-def check_ok(result: subprocess.CompletedProcess) -> None:
+# After training, swift never destroys its process group; in 1 of 16 two-process CPU runs here a rank then
+# aborted at interpreter exit (SIGABRT, this message) with every output already written.
+EXIT_ABORT = 'terminate called without an active exception'
+
+
+def check_ok(result: subprocess.CompletedProcess, exit_abort_ok: bool = False) -> None:
+    """The run succeeded; with `exit_abort_ok`, a rank aborting at exit after swift's last line counts as success
+    (callers then check the logged steps themselves)."""
+    output = result.stdout + result.stderr
+    if exit_abort_ok and EXIT_ABORT in output and 'End time of running main' in output:
+        return
     if result.returncode != 0:
         raise AssertionError(
             f'swift rlhf failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}'
