@@ -94,6 +94,12 @@ class CISPOConfig:
         'Stop with an error naming the step, tensor, token count and sequences when a log-prob, anchor or '
         'advantage of a completion token is NaN/inf, before the optimizer step (costs one sync per micro-batch).',
     )
+    allow_config_change: bool = _opt(
+        False,
+        'Resume (--resume_from_checkpoint) even though the CISPO settings saved in the checkpoint '
+        '(cispo_config.json) differ from the current ones. By default such a resume is refused before training, '
+        'listing each difference, because the loss would change mid-run; set this only when the change is intended.',
+    )
 
     def __post_init__(self):
         self.validate()

@@ -8,6 +8,7 @@ correction, off-policy sequence mask, gradient-accumulation scaling, CHORD/SDAR 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import types
@@ -22,6 +23,7 @@ from swift.rl_core.data import GRPOBatch
 from swift.rlhf_trainers import GRPOTrainer
 from swift.rlhf_trainers.utils import compute_chord_loss
 from swift.utils import get_logger
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.trainer.grpo_trainer import nanmax, nanmin
 
 from cispo_swift import compat
@@ -34,6 +36,16 @@ logger = get_logger()
 # The loss types swift 4.6's GRPOTrainer implements; anything else fails deep inside its loss.
 SWIFT_LOSS_TYPES = ('grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo', 'sapo', 'real', 'fipo')
 CONFIG_FILE = 'cispo_config.json'
+# Saved with the settings but not compared on resume: it does not change the loss.
+RESUME_UNCHECKED = ('allow_config_change',)
+# How to set each saved setting back, for the resume error; the weight bounds follow from the others.
+SETTING_FLAGS = {
+    'epsilon_high': '--epsilon_high',
+    'ppo_epsilon_for_metrics': '--epsilon',
+    'importance_sampling_level': '--importance_sampling_level',
+    'beta': '--beta',
+    'loss_type': '--loss_type',
+}
 
 
 class CISPOGRPOTrainer(GRPOTrainer):
@@ -55,6 +67,7 @@ class CISPOGRPOTrainer(GRPOTrainer):
         self.cispo_config: CISPOConfig = current_config()
         self._resolve_cispo_bounds()
         self._check_cispo_compatibility()
+        self._check_distributed_launch()
 
     def _resolve_cispo_bounds(self):
         args, cfg = self.args, self.cispo_config
@@ -104,8 +117,27 @@ class CISPOGRPOTrainer(GRPOTrainer):
                 'CISPO_ANCHOR=old.'
             )
 
+    def _check_distributed_launch(self):
+        """Refuse a multi-process launch that would train every process alone.
+
+        Without a GPU, swift's launcher starts a gloo process group, but transformers only trains data-parallel
+        on CPU with `--use_cpu true`; otherwise each process sees world size 1, trains on its own full batch
+        (normalised by its own token count) and all of them write the same output_dir.
+        """
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        world = torch.distributed.get_world_size()
+        if world > 1 and self.args.world_size != world:
+            raise RuntimeError(
+                f'{world} processes were launched (NPROC_PER_NODE/torchrun), but the trainer runs with world size '
+                f'{self.args.world_size}: each process would train alone on its own batch and overwrite the '
+                "others' output. On a machine without GPUs add --use_cpu true (data parallel over gloo); "
+                'otherwise launch a single process.'
+            )
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self._check_resume_settings()
         if not self.cispo_active:
             return
         if self.cispo_config.norm != 'token' and self.template.sequence_parallel_size > 1:
@@ -213,6 +245,89 @@ class CISPOGRPOTrainer(GRPOTrainer):
             compute_entropy=compute_entropy,
         )
         return logps.view(B, T), (entropies.view(B, T) if entropies is not None else None)
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, *args, **kwargs):
+        result = super()._save_checkpoint(*args, **kwargs)
+        if getattr(self, 'cispo_active', False) and self.args.should_save:
+            # Beside the weights, so that a resume can be checked against the settings they were trained with.
+            checkpoint = os.path.join(self.args.output_dir, f'{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}')
+            with open(os.path.join(checkpoint, CONFIG_FILE), 'w') as f:
+                json.dump(self.cispo_effective_settings(), f, indent=2, sort_keys=True)
+        return result
+
+    def _warn_if_resume_mid_generation(self, checkpoint: str):
+        """swift keeps the completions reused for num_iterations × steps_per_generation micro-steps in memory only
+        (`_buffered_inputs`, `_step`); a resume regenerates at once, so it only continues the run exactly from a
+        checkpoint taken where a new generation batch starts."""
+        try:
+            with open(os.path.join(checkpoint, 'trainer_state.json')) as f:
+                step = int(json.load(f)['global_step'])
+        except (OSError, ValueError, KeyError):
+            return
+        every = self.args.steps_per_generation * self.template.sequence_parallel_size * self.num_iterations
+        micro_steps = step * self.args.gradient_accumulation_steps
+        if micro_steps % every:
+            logger.warning(
+                f'Resuming from step {step}, in the middle of a generation batch: swift generates every {every} '
+                f'micro-steps (num_iterations {self.num_iterations} × steps_per_generation '
+                f'{self.args.steps_per_generation}) and does not save the batch being reused, so this run generates '
+                'a new one now and its off-policy steps differ from an uninterrupted run. For exact resumes, save '
+                f'at steps where step × gradient_accumulation_steps is a multiple of {every}.'
+            )
+
+    def _check_resume_settings(self):
+        """Before training: refuse to resume from a checkpoint saved with other CISPO settings (or by a CISPO run
+        resumed without `--loss_type cispo`), unless CISPO_ALLOW_CONFIG_CHANGE=1."""
+        checkpoint = self.args.resume_from_checkpoint
+        if not isinstance(checkpoint, str) or not os.path.isdir(checkpoint):
+            return  # nothing to resume, or transformers will report the bad path
+        if self.cispo_active:
+            self._warn_if_resume_mid_generation(checkpoint)
+        path = os.path.join(checkpoint, CONFIG_FILE)
+        if not os.path.isfile(path):
+            if self.cispo_active:
+                logger.warning(
+                    f'{checkpoint} has no {CONFIG_FILE} (not saved by cispo-swift, or by a version before 0.1): '
+                    'the CISPO settings of this resumed run cannot be checked against those it was trained with.'
+                )
+            return
+        with open(path) as f:
+            saved = json.load(f)
+        if self.cispo_active:
+            cfg = self.cispo_config
+            current = json.loads(json.dumps(self.cispo_effective_settings()))
+        else:
+            cfg = current_config()
+            saved, current = {'loss_type': 'cispo'}, {'loss_type': self.loss_type}
+        missing = object()
+        changed = [
+            (key, saved.get(key, missing), current.get(key, missing))
+            for key in sorted(set(saved) | set(current))
+            if key not in RESUME_UNCHECKED and saved.get(key, missing) != current.get(key, missing)
+        ]
+        if not changed:
+            logger.info(f'cispo-swift: resuming from {checkpoint} with the CISPO settings it was saved with.')
+            return
+
+        def show(value):
+            return 'absent' if value is missing else repr(value)
+
+        lines = '\n'.join(f'  {key}: {show(old)} in the checkpoint, {show(new)} now' for key, old, new in changed)
+        hints = [_setting_hint(key, old) for key, old, _ in changed if old is not missing]
+        message = (
+            f'Resuming from {checkpoint} with CISPO settings that differ from those saved in {path}:\n{lines}\n'
+            'The loss would change in the middle of the run.'
+        )
+        if cfg.allow_config_change:
+            logger.warning(f'{message} Continuing, because CISPO_ALLOW_CONFIG_CHANGE=1.')
+            return
+        restore = ', '.join(h for h in hints if h) or 'the values above'
+        raise ValueError(
+            f'{message} To resume as trained, use: {restore}. If the change is intended, set '
+            'CISPO_ALLOW_CONFIG_CHANGE=1 (Python API: cispo_swift.configure(..., allow_config_change=True)).'
+        )
 
     # ---- normalisation metadata -------------------------------------------------------------------------------
 
@@ -328,8 +443,7 @@ class CISPOGRPOTrainer(GRPOTrainer):
             'cispo_sums': self._gathered_stats(log_ratio, advantages, completion_mask),
         }
         if per_token_kl is not None:
-            mean_kl = (per_token_kl * completion_mask).sum() / completion_mask.sum().clamp(min=1.0)
-            metrics_data['kl'] = self.accelerator.gather_for_metrics(mean_kl).nanmean().item()
+            metrics_data['kl'] = self._gathered_token_mean(per_token_kl, completion_mask)
         if rollout_metrics:
             metrics_data['rollout_correction'] = compat.gather_rollout_metrics(self, rollout_metrics)
         if mode == 'train' and self.chord_sft_iterator is not None:
@@ -418,6 +532,13 @@ class CISPOGRPOTrainer(GRPOTrainer):
         result['ratio_max'] = -extrema[:, 1].min().item()
         return result
 
+    def _gathered_token_mean(self, values: torch.Tensor, mask: torch.Tensor) -> float:
+        """Mean of `values` [B, T] over the completion tokens of all ranks. swift's metrics average the per-rank
+        means instead, which over-weights the tokens of a rank with fewer of them."""
+        local = torch.stack([(values.detach() * mask).sum(), mask.sum()]).double().unsqueeze(0)  # [1, 2]
+        total = self.accelerator.gather(local).sum(0)
+        return (total[0] / total[1].clamp(min=1.0)).item()
+
     # ---- chunked path (--dynamic_num_samples) ---------------------------------------------------------------
 
     def _compute_loss_chunked(self, model, model_inputs, grpo_batch, origin_data=None):
@@ -499,6 +620,17 @@ class CISPOGRPOTrainer(GRPOTrainer):
                 logs[f'{prefix}cispo/{key}'] = value
             self._cispo_extrema[mode].clear()
         super().log(logs, start_time)
+
+
+def _setting_hint(key: str, value) -> Optional[str]:
+    """How to set a saved setting back: `CISPO_NORM=token`, `--beta 0.04`; None for derived ones."""
+    if key in SETTING_FLAGS:
+        return f'{SETTING_FLAGS[key]} {value}'
+    if key in {f.name for f in dataclasses.fields(CISPOConfig)}:
+        if value is None:
+            return f'unset CISPO_{key.upper()}'
+        return f'CISPO_{key.upper()}={int(value) if isinstance(value, bool) else value}'
+    return None
 
 
 def _copy_group_counts(source: GRPOBatch, target: GRPOBatch, start: int, end: int):

@@ -45,7 +45,10 @@ def test_keyword_overrides_win_over_environment():
 @pytest.mark.parametrize(
     'env, message',
     [
-        ({'CISPO_NORMS': 'token'}, 'Unknown CISPO option variable(s): CISPO_NORMS. Valid ones: CISPO_ANCHOR'),
+        (
+            {'CISPO_NORMS': 'token'},
+            'Unknown CISPO option variable(s): CISPO_NORMS. Valid ones: CISPO_ALLOW_CONFIG_CHANGE, CISPO_ANCHOR',
+        ),
         ({'CISPO_NORM': 'tokens'}, "CISPO_NORM='tokens' is not valid: it must be one of token, sequence, prompt"),
         ({'CISPO_CLIP_MODE': 'abs'}, 'must be one of absolute, relative'),
         ({'CISPO_ANCHOR': 'vllm'}, 'must be one of old, rollout'),

@@ -1,0 +1,101 @@
+"""Resume checks without a run: the trainer compares the CISPO settings saved in a checkpoint with its own."""
+
+import json
+import logging
+
+import pytest
+from stubs import make_trainer
+
+from cispo_swift.config import CISPOConfig
+from cispo_swift.trainer import CONFIG_FILE
+
+
+def _checkpoint(tmp_path, settings=None, global_step=4):
+    """A checkpoint directory as `_save_checkpoint` leaves it (settings file and trainer state only)."""
+    ckpt = tmp_path / f'checkpoint-{global_step}'
+    ckpt.mkdir()
+    if settings is not None:
+        (ckpt / CONFIG_FILE).write_text(json.dumps(settings))
+    (ckpt / 'trainer_state.json').write_text(json.dumps({'global_step': global_step}))
+    return str(ckpt)
+
+
+def _resume(checkpoint, cispo=None, **args):
+    trainer = make_trainer(cispo, resume_from_checkpoint=checkpoint, steps_per_generation=1, **args)
+    trainer._check_resume_settings()
+    return trainer
+
+
+@pytest.fixture
+def swift_log(caplog):
+    from swift.utils import get_logger
+
+    logger = get_logger()
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def test_same_settings_resume(tmp_path, swift_log):
+    saved = make_trainer(CISPOConfig(norm='prompt'), beta=0.04).cispo_effective_settings()
+    _resume(_checkpoint(tmp_path, saved), CISPOConfig(norm='prompt'), beta=0.04)
+    assert 'with the CISPO settings it was saved with' in swift_log.text
+
+
+def test_changed_settings_are_refused_with_old_new_and_how_to_proceed(tmp_path):
+    saved = make_trainer(CISPOConfig(norm='token'), beta=0.04).cispo_effective_settings()
+    with pytest.raises(ValueError) as err:
+        _resume(_checkpoint(tmp_path, saved), CISPOConfig(norm='prompt', clip_mode='relative', eps_low=0.2), beta=0.0)
+    message = str(err.value)
+    assert "norm: 'token' in the checkpoint, 'prompt' now" in message
+    assert "clip_mode: 'absolute' in the checkpoint, 'relative' now" in message
+    assert 'beta: 0.04 in the checkpoint, 0.0 now' in message
+    assert 'weight_lower: None in the checkpoint, 0.8 now' in message
+    # How to resume as trained, and how to go on with the change.
+    for hint in ('CISPO_NORM=token', 'CISPO_CLIP_MODE=absolute', 'unset CISPO_EPS_LOW', '--beta 0.04'):
+        assert hint in message
+    assert 'CISPO_ALLOW_CONFIG_CHANGE=1' in message
+    assert 'epsilon_high' not in message  # unchanged settings are not listed
+
+
+def test_allow_config_change_resumes_with_a_warning(tmp_path, swift_log):
+    saved = make_trainer(CISPOConfig(norm='token')).cispo_effective_settings()
+    cfg = CISPOConfig.from_env(environ={'CISPO_ALLOW_CONFIG_CHANGE': '1', 'CISPO_NORM': 'sequence'})
+    _resume(_checkpoint(tmp_path, saved), cfg)
+    assert "norm: 'token' in the checkpoint, 'sequence' now" in swift_log.text
+    assert 'Continuing, because CISPO_ALLOW_CONFIG_CHANGE=1' in swift_log.text
+
+
+def test_the_override_itself_is_not_a_change(tmp_path):
+    saved = make_trainer(CISPOConfig(allow_config_change=True)).cispo_effective_settings()
+    _resume(_checkpoint(tmp_path, saved), CISPOConfig())
+
+
+def test_resuming_a_cispo_checkpoint_with_another_loss_type_is_refused(tmp_path, monkeypatch):
+    checkpoint = _checkpoint(tmp_path, make_trainer().cispo_effective_settings())
+    with pytest.raises(ValueError, match="loss_type: 'cispo' in the checkpoint, 'grpo' now") as err:
+        _resume(checkpoint, loss_type='grpo')
+    assert '--loss_type cispo' in str(err.value)
+    monkeypatch.setenv('CISPO_ALLOW_CONFIG_CHANGE', '1')
+    _resume(checkpoint, loss_type='grpo')
+
+
+def test_checkpoint_without_settings_warns(tmp_path, swift_log):
+    _resume(_checkpoint(tmp_path, None))
+    assert f'has no {CONFIG_FILE}' in swift_log.text
+    _resume(_checkpoint(tmp_path, None, global_step=5), loss_type='grpo')  # not a CISPO run: nothing to check
+    assert swift_log.text.count(f'has no {CONFIG_FILE}') == 1
+
+
+@pytest.mark.parametrize('step, warns', [(4, False), (3, True)])
+def test_resume_in_the_middle_of_a_generation_batch_warns(tmp_path, swift_log, step, warns):
+    # num_iterations 2: a new generation batch starts every 2 steps.
+    saved = make_trainer(num_iterations=2).cispo_effective_settings()
+    _resume(_checkpoint(tmp_path, saved, global_step=step), num_iterations=2)
+    assert ('in the middle of a generation batch' in swift_log.text) is warns
+
+
+def test_no_resume_checks_nothing(tmp_path):
+    _resume(None, CISPOConfig(norm='prompt'))
+    _resume(str(tmp_path / 'missing'), CISPOConfig(norm='prompt'))
