@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-from e2e_utils import ROW_SAMPLING_PLUGIN, check_ok, logged_steps, run_swift, tiny_model_dir
 from safetensors.torch import load_file
+from swift_run import ROW_SAMPLING_PLUGIN, SCALE_FLAGS, check_ok, logged_steps, run_swift
 
 pytestmark = pytest.mark.slow
 
@@ -23,11 +23,6 @@ CISPO_KEYS = (
 )
 
 
-@pytest.fixture(scope='module')
-def tiny(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory)
-
-
 def test_two_processes_log_the_losses_of_one_process(tiny, tmp_path):
     """8 sequences a step on one process, or 4 on each of two (gloo): same logged loss, grad norm and metrics.
 
@@ -35,7 +30,7 @@ def test_two_processes_log_the_losses_of_one_process(tiny, tmp_path):
     call from an RNG seeded `seed + rank`; row_sampling_plugin.py gives every sequence its own generator instead.
     `--stop_words e` ends completions at different lengths, so the ranks hold different numbers of tokens.
     """
-    flags = ['--max_steps', '4', '--save_strategy', 'no', '--stop_words', 'e']
+    flags = [*SCALE_FLAGS, '--max_steps', '4', '--save_strategy', 'no', '--stop_words', 'e']
     one = run_swift(
         tiny, tmp_path / 'one', *flags, '--per_device_train_batch_size', '8', extra_plugins=[ROW_SAMPLING_PLUGIN]
     )
@@ -65,7 +60,10 @@ def test_two_processes_log_the_losses_of_one_process(tiny, tmp_path):
 
 
 # swift's default LoRA tuning (its dropout draws from the RNG state that checkpoints carry), 2 prompts a step.
-RESUME_FLAGS = ('--tuner_type', 'lora', '--per_device_train_batch_size', '8', '--max_steps', '4', '--save_steps', '1')
+RESUME_FLAGS = (
+    *SCALE_FLAGS, '--tuner_type', 'lora', '--per_device_train_batch_size', '8', '--max_steps', '4',
+    '--save_strategy', 'steps', '--save_steps', '1',
+)  # fmt: skip
 
 
 @pytest.fixture(scope='module')
