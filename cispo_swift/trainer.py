@@ -29,7 +29,7 @@ from trl.trainer.grpo_trainer import nanmax, nanmin
 from cispo_swift import compat
 from cispo_swift import loss as L
 from cispo_swift.config import DEFAULT_WEIGHT_CAP, CISPOConfig, current_config
-from cispo_swift.fused import chunked_token_logps
+from cispo_swift.fused import chunked_token_logps, fused_linear_logp_loss
 
 logger = get_logger()
 
@@ -219,19 +219,22 @@ class CISPOGRPOTrainer(GRPOTrainer):
             return f'the output layer is {kind}, not a plain torch.nn.Linear (e.g. LoRA on lm_head)'
         return None
 
-    def _get_logps_via_local_forward(self, model, model_inputs, logits_to_keep, input_ids, compute_entropy=False):
-        head = _lm_head(self.accelerator.unwrap_model(model)) if getattr(self, 'cispo_fused', False) else None
-        if head is None:
-            return super()._get_logps_via_local_forward(model, model_inputs, logits_to_keep, input_ids, compute_entropy)
-        # swift's own forward (so DDP/DeepSpeed wrappers and hooks run), with the LM head bypassed: the model's
-        # "logits" are then its last hidden states, and the head is applied chunk by chunk.
+    def _hidden_states(self, model, model_inputs, head, logits_to_keep: int) -> torch.Tensor:
+        """The last hidden states of the completion positions, [B, T, H], from swift's own forward (so DDP and
+        DeepSpeed wrappers and hooks run) with the LM head bypassed: the model's "logits" are its hidden states."""
         if 'use_cache' in self.model_kwarg_keys:
             model_inputs['use_cache'] = False
         if 'logits_to_keep' in self.model_kwarg_keys:
             model_inputs['logits_to_keep'] = logits_to_keep + 1
         with _head_returns_hidden(head):
             hidden = model(**model_inputs).logits
-        hidden = hidden[:, -(logits_to_keep + 1) : -1, :]  # [B, T, H]; [1, nnz, H] when padding-free
+        return hidden[:, -(logits_to_keep + 1) : -1, :]
+
+    def _get_logps_via_local_forward(self, model, model_inputs, logits_to_keep, input_ids, compute_entropy=False):
+        head = _lm_head(self.accelerator.unwrap_model(model)) if getattr(self, 'cispo_fused', False) else None
+        if head is None:
+            return super()._get_logps_via_local_forward(model, model_inputs, logits_to_keep, input_ids, compute_entropy)
+        hidden = self._hidden_states(model, model_inputs, head, logits_to_keep)  # [B, T, H]; [1, nnz, H] padding-free
         targets = input_ids[:, -logits_to_keep:]
         B, T, H = hidden.shape
         logps, entropies = chunked_token_logps(
@@ -363,65 +366,57 @@ class CISPOGRPOTrainer(GRPOTrainer):
             return super()._compute_loss_and_metrics(model, model_inputs, grpo_batch)
         mode = 'train' if self.model.training else 'eval'
         cfg = self.cispo_config
-        completion_mask = grpo_batch.completion_mask
-        logps, entropies = self._get_per_token_logps_and_entropies(
-            model, model_inputs, grpo_batch, compute_entropy=self.compute_entropy
-        )  # [B, T]
-        entropy_mask, entropy_metrics = self._entropy_mask_and_metrics(entropies, completion_mask)
-
+        completion_mask = grpo_batch.completion_mask  # [B, T]
+        advantages = grpo_batch.advantages  # [B, T]
         # Overlong filter (DAPO): truncated completions leave the loss; swift's normaliser still counts them.
         if self.overlong_filter and grpo_batch.truncated_mask.any():
             completion_mask = completion_mask & ~grpo_batch.truncated_mask.unsqueeze(-1).expand_as(completion_mask)
 
-        per_token_kl = None
-        if self.beta != 0.0 and not self.kl_in_reward:
-            per_token_kl = L.k3_kl(grpo_batch.ref_per_token_logps, logps)
-
-        advantages = grpo_batch.advantages  # [B, T]
-        old_logps = logps.detach() if grpo_batch.old_per_token_logps is None else grpo_batch.old_per_token_logps
-        rollout_metrics, rollout_is_weights = self._rollout_correction(old_logps, grpo_batch, completion_mask)
-
-        if cfg.anchor == 'rollout':
-            if grpo_batch.rollout_per_token_logps is None:
-                raise RuntimeError(
-                    'CISPO_ANCHOR=rollout, but this batch carries no rollout log-probs (the inference engine '
-                    'returned none or their count did not match the completion tokens). Check that vLLM returns '
-                    'log-probs, or use CISPO_ANCHOR=old.'
-                )
-            anchor_logps = grpo_batch.rollout_per_token_logps
+        terms = _Terms(
+            valid=grpo_batch.completion_mask.reshape(-1),
+            mask=completion_mask.reshape(-1),
+            advantages=advantages.reshape(-1),
+            ref=(grpo_batch.ref_per_token_logps.reshape(-1) if self.beta != 0.0 and not self.kl_in_reward else None),
+        )
+        if self._fused_loss_applies(grpo_batch):
+            # Three LM-head matmuls: the loss's gradient w.r.t. each chunk's log-probs is formed in the forward.
+            old_logps = grpo_batch.old_per_token_logps
+            rollout_metrics, rollout_is_weights = self._rollout_correction(old_logps, grpo_batch, completion_mask)
+            terms.anchor = self._anchor_logps(grpo_batch, old_logps).reshape(-1)
+            terms.rollout_weights = _flat(rollout_is_weights, completion_mask)
+            terms.scale = _flat(self._token_scale(grpo_batch, completion_mask), completion_mask)
+            policy_loss, logps, entropies = self._fused_policy_loss(model, model_inputs, grpo_batch, terms)
+            entropy_mask, entropy_metrics = self._entropy_mask_and_metrics(entropies, grpo_batch.completion_mask)
         else:
-            anchor_logps = old_logps
-        if cfg.check_finite:
+            logps, entropies = self._get_per_token_logps_and_entropies(
+                model, model_inputs, grpo_batch, compute_entropy=self.compute_entropy
+            )  # [B, T]
+            entropy_mask, entropy_metrics = self._entropy_mask_and_metrics(entropies, grpo_batch.completion_mask)
+            old_logps = logps.detach() if grpo_batch.old_per_token_logps is None else grpo_batch.old_per_token_logps
+            rollout_metrics, rollout_is_weights = self._rollout_correction(old_logps, grpo_batch, completion_mask)
+            terms.anchor = self._anchor_logps(grpo_batch, old_logps).reshape(-1)
+            if self.importance_sampling_level in ('sequence', 'sequence_token'):
+                # With a detached weight, GSPO-token's sg[s]·π/sg[π] has the same value as the sequence weight.
+                token_log_ratio = _masked_log_ratio(logps.detach(), terms.anchor.view_as(logps), completion_mask)
+                terms.log_ratio = _flat(L.sequence_log_ratio(token_log_ratio, completion_mask), completion_mask)
+            elif self.importance_sampling_level != 'token':
+                raise ValueError(f'Unknown --importance_sampling_level {self.importance_sampling_level!r}.')
+            terms.entropy_mask = _flat(entropy_mask, completion_mask)
+            terms.rollout_weights = _flat(rollout_is_weights, completion_mask)
+            if self.off_policy_sequence_mask_delta is not None:
+                reference = grpo_batch.rollout_per_token_logps
+                reference = old_logps if reference is None else reference
+                seq_advantages = (advantages * completion_mask).sum(-1) / completion_mask.sum(-1).clamp(min=1.0)
+                keep = self._compute_off_policy_sequence_mask(logps, reference, completion_mask, seq_advantages)
+                completion_mask = completion_mask & keep.unsqueeze(-1).expand_as(completion_mask)
+                terms.mask = completion_mask.reshape(-1)
+            terms.scale = _flat(self._token_scale(grpo_batch, completion_mask), completion_mask)
+            policy_loss = self._policy_objective(logps.reshape(-1), slice(None), terms)
+
+        anchor_logps = terms.anchor.view_as(logps)
+        if cfg.check_finite:  # before backward and the optimizer step
             self._check_finite(logps, anchor_logps, advantages, grpo_batch, completion_mask)
-        # Padding positions hold arbitrary values; a zero log-ratio there keeps NaN/inf out of weights and grads.
-        log_ratio = (logps.detach() - anchor_logps).masked_fill(~grpo_batch.completion_mask, 0.0)  # [B, T]
-        if self.importance_sampling_level in ('sequence', 'sequence_token'):
-            # With a detached weight, GSPO-token's sg[s]·π/sg[π] has the same value as the sequence weight.
-            log_ratio = L.sequence_log_ratio(log_ratio, completion_mask)  # [B, 1]
-        elif self.importance_sampling_level != 'token':
-            raise ValueError(f'Unknown --importance_sampling_level {self.importance_sampling_level!r}.')
-
-        weight = L.importance_weight(log_ratio, self.cispo_lower, self.cispo_upper)  # sg(clip(r))
-        token_mask = None
-        if cfg.mask:
-            token_mask = L.unified_token_mask(log_ratio, advantages, cfg.mask_eps_low, cfg.mask_eps_high)
-        per_token_loss = L.per_token_loss(logps, weight, advantages, token_mask)
-        if entropy_mask is not None:
-            per_token_loss = per_token_loss * entropy_mask
-        if per_token_kl is not None:
-            per_token_loss = per_token_loss + self.beta * per_token_kl
-        if rollout_is_weights is not None and self.rollout_importance_sampling_mode is not None:
-            per_token_loss = per_token_loss * rollout_is_weights
-
-        if self.off_policy_sequence_mask_delta is not None:
-            reference = grpo_batch.rollout_per_token_logps
-            reference = old_logps if reference is None else reference
-            seq_advantages = (advantages * completion_mask).sum(-1) / completion_mask.sum(-1).clamp(min=1.0)
-            keep = self._compute_off_policy_sequence_mask(logps, reference, completion_mask, seq_advantages)
-            completion_mask = completion_mask & keep.unsqueeze(-1).expand_as(completion_mask)
-
-        loss = L.aggregate(per_token_loss, completion_mask, self._token_scale(grpo_batch, completion_mask))
-        loss = compat.undo_gradient_accumulation_scaling(self, loss)
+        loss = compat.undo_gradient_accumulation_scaling(self, policy_loss)
 
         if self.sdar_loss_coef > 0 and grpo_batch.teacher_per_token_logps is not None:
             sdar_loss, sdar_metrics = compute_sdar_loss(
@@ -435,6 +430,9 @@ class CISPOGRPOTrainer(GRPOTrainer):
                 self._metrics[mode][key].append(value)
             self._metrics[mode]['sdar/coef'].append(self.sdar_loss_coef)
 
+        log_ratio = _masked_log_ratio(logps.detach(), anchor_logps, grpo_batch.completion_mask)
+        if terms.log_ratio is not None:
+            log_ratio = terms.log_ratio.view_as(logps)
         metrics_data = {
             'mode': mode,
             'entropy': entropy_metrics,
@@ -442,13 +440,94 @@ class CISPOGRPOTrainer(GRPOTrainer):
             'completion_token_count': completion_mask.sum().clamp(min=1.0),
             'cispo_sums': self._gathered_stats(log_ratio, advantages, completion_mask),
         }
-        if per_token_kl is not None:
+        if terms.ref is not None:
+            per_token_kl = L.k3_kl(grpo_batch.ref_per_token_logps, logps.detach())
             metrics_data['kl'] = self._gathered_token_mean(per_token_kl, completion_mask)
         if rollout_metrics:
             metrics_data['rollout_correction'] = compat.gather_rollout_metrics(self, rollout_metrics)
         if mode == 'train' and self.chord_sft_iterator is not None:
             loss = compute_chord_loss(self, grpo_loss=loss)
         return loss, metrics_data
+
+    def _policy_objective(self, logps: torch.Tensor, sl: slice, terms: _Terms) -> torch.Tensor:
+        """Σ_t ℓ_t · s_t over the flattened tokens `sl`: this rank's share of the loss (before swift's GA scaling).
+
+        ℓ = −M · sg(clip(r)) · Â · log π  [· entropy mask]  [+ β · KL]  [· rollout IS weight]   (MiniMax-M1 eq. 4/6)
+        One definition for both paths: the plain one calls it on all tokens, the fused one per chunk of tokens,
+        differentiating it w.r.t. the chunk's log-probs. `logps` [n] is float32 or the model's dtype.
+        """
+        cfg = self.cispo_config
+        if terms.log_ratio is not None:
+            log_ratio = terms.log_ratio[sl]
+        else:
+            log_ratio = _masked_log_ratio(logps.detach(), terms.anchor[sl], terms.valid[sl])
+        advantages = terms.advantages[sl]
+        weight = L.importance_weight(log_ratio, self.cispo_lower, self.cispo_upper)  # sg(clip(r))
+        token_mask = None
+        if cfg.mask:
+            token_mask = L.unified_token_mask(log_ratio, advantages, cfg.mask_eps_low, cfg.mask_eps_high)
+        per_token = L.per_token_loss(logps, weight, advantages, token_mask)
+        if terms.entropy_mask is not None:
+            per_token = per_token * terms.entropy_mask[sl]
+        if terms.ref is not None:
+            per_token = per_token + self.beta * L.k3_kl(terms.ref[sl], logps)
+        if terms.rollout_weights is not None:
+            per_token = per_token * terms.rollout_weights[sl]
+        return L.aggregate(per_token, terms.mask[sl], terms.scale[sl])
+
+    def _anchor_logps(self, grpo_batch: GRPOBatch, old_logps: torch.Tensor) -> torch.Tensor:
+        if self.cispo_config.anchor == 'old':
+            return old_logps
+        if grpo_batch.rollout_per_token_logps is None:
+            raise RuntimeError(
+                'CISPO_ANCHOR=rollout, but this batch carries no rollout log-probs (the inference engine '
+                'returned none or their count did not match the completion tokens). Check that vLLM returns '
+                'log-probs, or use CISPO_ANCHOR=old.'
+            )
+        return grpo_batch.rollout_per_token_logps
+
+    def _fused_loss_applies(self, grpo_batch: GRPOBatch) -> bool:
+        """The 3-matmul path needs a loss that is a per-token function of log π: no quantity that depends on
+        the log-probs of other tokens (sequence weights, entropy quantile, off-policy sequence mask, SDAR)."""
+        return (
+            getattr(self, 'cispo_fused', False)
+            and self.model.training
+            and torch.is_grad_enabled()
+            and grpo_batch.old_per_token_logps is not None
+            and self.importance_sampling_level == 'token'
+            and self.top_entropy_quantile >= 1.0
+            and self.off_policy_sequence_mask_delta is None
+            and not (self.sdar_loss_coef > 0 and grpo_batch.teacher_per_token_logps is not None)
+            and not self.template.padding_free
+        )
+
+    def _fused_policy_loss(self, model, model_inputs, grpo_batch: GRPOBatch, terms: _Terms):
+        """(loss, log-probs [B, T] detached, entropies or None) through `fused.fused_linear_logp_loss`."""
+        logits_to_keep = grpo_batch.logits_to_keep
+        input_ids = model_inputs['input_ids']
+        head = _lm_head(self.accelerator.unwrap_model(model))
+        hidden = self._hidden_states(model, model_inputs, head, logits_to_keep)  # [B, T, H]
+        B, T, H = hidden.shape
+
+        def coef_fn(chunk_logps, start, end):
+            with torch.enable_grad():
+                leaf = chunk_logps.detach().requires_grad_(True)
+                value = self._policy_objective(leaf, slice(start, end), terms)
+                (grad,) = torch.autograd.grad(value, leaf)
+            return value.detach(), grad
+
+        loss, logps, entropies = fused_linear_logp_loss(
+            hidden.reshape(B * T, H),
+            head.weight,
+            head.bias,
+            input_ids[:, -logits_to_keep:].reshape(B * T),
+            coef_fn,
+            temperature=self.temperature,
+            chunk_size=self.cispo_config.fused_chunk_size,
+            fp32_head=self.cispo_config.fp32_lm_head,
+            compute_entropy=self.compute_entropy,
+        )
+        return loss, logps.view(B, T), (entropies.view(B, T) if entropies is not None else None)
 
     def _check_finite(self, logps, anchor_logps, advantages, grpo_batch: GRPOBatch, completion_mask):
         tensors = {'log-probs': logps, f'{self.cispo_config.anchor} log-probs': anchor_logps, 'advantages': advantages}
@@ -639,6 +718,34 @@ def _copy_group_counts(source: GRPOBatch, target: GRPOBatch, start: int, end: in
     target.cispo_num_sequences = source.cispo_num_sequences
     target.cispo_num_groups = source.cispo_num_groups
     target.cispo_group_tokens = source.cispo_group_tokens[start:end]
+
+
+@dataclasses.dataclass
+class _Terms:
+    """Per-token inputs of the policy objective, flattened to [B·T] (see `_policy_objective`)."""
+
+    valid: torch.Tensor  # bool, real completion tokens
+    mask: torch.Tensor  # bool, tokens in the loss (after the overlong filter / off-policy mask)
+    advantages: torch.Tensor
+    ref: Optional[torch.Tensor] = None  # reference log-probs when the KL term is on
+    anchor: Optional[torch.Tensor] = None  # log π_old (or the rollout log-probs)
+    log_ratio: Optional[torch.Tensor] = None  # precomputed (sequence-level) log-ratio, else from anchor
+    entropy_mask: Optional[torch.Tensor] = None
+    rollout_weights: Optional[torch.Tensor] = None
+    scale: Any = None  # per-token normalisation factor s (tensor [B·T])
+
+
+def _flat(x: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    """[B, T], [B, 1] or a scalar, broadcast to `like` [B, T] and flattened; None stays None."""
+    if x is None:
+        return None
+    x = torch.as_tensor(x, device=like.device)
+    return x.expand(like.shape).reshape(-1)
+
+
+def _masked_log_ratio(logps: torch.Tensor, anchor: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    # Padding positions hold arbitrary values; a zero log-ratio there keeps NaN/inf out of weights and grads.
+    return (logps - anchor).masked_fill(~valid, 0.0)
 
 
 def _output_layer(model: torch.nn.Module) -> Optional[torch.nn.Module]:

@@ -5,18 +5,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from stubs import make_trainer
+from stubs import SingleProcessAccelerator, make_trainer
 from swift.rlhf_trainers import GRPOTrainer
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from cispo_swift.config import CISPOConfig
 
 
-class _Unwrap:
-    num_processes = 1
-    process_index = 0
-    is_main_process = True
-
+class _Unwrap(SingleProcessAccelerator):
     def unwrap_model(self, model):
         return model
 
@@ -94,3 +90,90 @@ def test_fallback_reasons():
     assert 'not a plain torch.nn.Linear' in trainer._fused_unsupported_reason()
     trainer.is_multimodal = True
     assert 'multimodal' in trainer._fused_unsupported_reason()
+
+
+def _loss_batch(model, seed=0, B=4, L=12, T=7):
+    from swift.rl_core.data import GRPOBatch
+
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, 97, (B, L), generator=g)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits[:, -(T + 1) : -1].float()
+        logps = torch.log_softmax(logits / 0.7, -1).gather(-1, input_ids[:, -T:].unsqueeze(-1)).squeeze(-1)
+    lengths = torch.tensor([T, 3, 5, 1])
+    mask = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
+    batch = GRPOBatch(
+        completion_mask=mask,
+        truncated_mask=torch.zeros(B, dtype=torch.bool),
+        seq_lengths=lengths,
+        old_per_token_logps=logps + 1.5 * torch.randn(B, T, generator=g),
+        ref_per_token_logps=logps + 0.2 * torch.randn(B, T, generator=g),
+        rollout_per_token_logps=logps + 0.7 * torch.randn(B, T, generator=g),
+        advantages=torch.randn(B, 1, generator=g).expand(B, T).clone(),
+        num_items_in_batch=mask.sum().float() * 2,
+        logits_to_keep=T,
+    )
+    return {'input_ids': input_ids, 'attention_mask': torch.ones_like(input_ids)}, batch
+
+
+@pytest.mark.parametrize(
+    'cispo, args',
+    [
+        ({}, {}),
+        ({}, {'beta': 0.04, 'log_entropy': True}),
+        ({'mask': True, 'clip_mode': 'relative', 'eps_low': 0.3}, {'epsilon_high': 1.0}),
+        ({'anchor': 'rollout'}, {'use_vllm': True, 'rollout_importance_sampling_mode': 'token_truncate'}),
+        ({'fp32_lm_head': True}, {'gradient_accumulation_steps': 2}),
+    ],
+    ids=['default', 'kl-entropy-log', 'mask-relative', 'rollout', 'fp32-ga'],
+)
+def test_three_matmul_loss_equals_plain_loss(cispo, args):
+    """The fused loss (gradient formed in the forward) against the plain path on the same model and batch."""
+    results = []
+    for fused in (False, True):
+        model = _model(lora=True)
+        trainer = _trainer(model, chunk=5)
+        trainer.cispo_config = CISPOConfig(fused_logps=True, fused_chunk_size=5, **cispo)
+        for key, value in args.items():
+            setattr(trainer.args, key, value)
+        trainer._prepare_algorithm_params()
+        trainer.beta = trainer.args.beta
+        trainer.compute_entropy = trainer.args.log_entropy
+        trainer.cispo_fused = fused
+        trainer.temperature = 0.7
+        trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
+        inputs, batch = _loss_batch(model)
+        assert trainer._fused_loss_applies(batch) is fused
+        loss, metrics = trainer._compute_loss_and_metrics(model, inputs, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads, metrics))
+    (plain_loss, plain_grads, plain_metrics), (fused_loss, fused_grads, fused_metrics) = results
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-5, atol=1e-6)
+    assert plain_grads.keys() == fused_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    for key, value in plain_metrics['cispo_sums'].items():
+        assert fused_metrics['cispo_sums'][key] == pytest.approx(value, rel=1e-5), key
+    if 'kl' in plain_metrics:
+        assert fused_metrics['kl'] == pytest.approx(plain_metrics['kl'], rel=1e-5)
+    if plain_metrics['entropy']:
+        assert fused_metrics['entropy']['entropy_mean'] == pytest.approx(plain_metrics['entropy']['entropy_mean'])
+
+
+def test_three_matmul_path_is_skipped_where_the_loss_is_not_per_token():
+    model = _model()
+    trainer = _trainer(model)
+    _, batch = _loss_batch(model)
+    assert trainer._fused_loss_applies(batch)
+    for attr, value in [
+        ('importance_sampling_level', 'sequence'),
+        ('top_entropy_quantile', 0.5),
+        ('off_policy_sequence_mask_delta', 0.1),
+    ]:
+        saved = getattr(trainer, attr)
+        setattr(trainer, attr, value)
+        assert not trainer._fused_loss_applies(batch), attr
+        setattr(trainer, attr, saved)
+    with torch.no_grad():
+        assert not trainer._fused_loss_applies(batch)
