@@ -110,6 +110,12 @@ class CISPOGRPOTrainer(GRPOTrainer):
                 f'--delta {args.delta} has no effect with --loss_type cispo: the two-sided clip of the ratio it '
                 'bounds does not exist in CISPO (the clipped weight is detached). It is ignored.'
             )
+        if args.importance_sampling_level in ('sequence', 'sequence_token') and cfg.norm == 'token':
+            logger.warning(
+                f'--importance_sampling_level {args.importance_sampling_level} with CISPO_NORM=token: each sequence '
+                'has one weight, and the token-sum normalisation then weighs a sequence by its length. '
+                'CISPO_NORM=sequence gives every sequence the same weight (GSPO averages per sequence).'
+            )
         if cfg.anchor == 'rollout' and not args.use_vllm:
             raise ValueError(
                 "CISPO_ANCHOR=rollout anchors the weight on the inference engine's log-probs, which swift "

@@ -166,3 +166,19 @@ def test_readme_options_table_is_current():
 
     readme = (Path(__file__).resolve().parent.parent / 'README.md').read_text()
     assert C.options_table() in readme, 'README.md: paste the output of `python -m cispo_swift options`'
+
+
+def test_sequence_weight_with_token_normalisation_warns(caplog):
+    from swift.utils import get_logger
+
+    logger = get_logger()
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING):
+            make_trainer(importance_sampling_level='sequence')
+            quiet = len(caplog.records)
+            make_trainer(CISPOConfig(norm='sequence'), importance_sampling_level='sequence')
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert any('weighs a sequence by its length' in r.getMessage() for r in caplog.records)
+    assert len(caplog.records) == quiet
