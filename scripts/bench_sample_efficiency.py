@@ -66,9 +66,11 @@ LOSSES: Dict[str, List[str]] = {
     'cispo': ['--loss_type', 'cispo', '--epsilon_high', '5.0'],
 }
 PLUGIN_LOSSES = ('cispo',)  # trained with cispo-swift's trainer; the others with stock swift
-# Per-run means over all optimizer steps. grpo/dapo: swift's clip_ratio/* (tokens whose ratio left the clip range,
-# i.e. that got zero gradient). cispo: cispo/clip_frac (weight capped at 5, gradient kept) and ppo_zero_grad_frac
-# (tokens PPO with ε = 0.2 would have given zero gradient).
+# Per-run means over the optimizer steps before the run reached THRESHOLD (the learning phase; all steps if it never
+# did) and over the whole run (which includes the converged phase, where all rewards are equal, advantages are 0 and
+# nothing counts as clipped). grpo/dapo: swift's clip_ratio/* (tokens whose ratio left the clip range with an advantage
+# pushing it further, i.e. that got zero gradient). cispo: cispo/clip_frac (weight capped at 5, gradient kept) and
+# cispo/ppo_zero_grad_frac (tokens PPO with ε = 0.2 would have given zero gradient). ratio_max: the run's maximum.
 METRICS = {
     'grpo': ('clip_ratio/region_mean', 'clip_ratio/high_mean', 'clip_ratio/low_mean'),
     'dapo': ('clip_ratio/region_mean', 'clip_ratio/high_mean', 'clip_ratio/low_mean'),
@@ -250,10 +252,14 @@ def summarize_run(rows: Sequence[Dict], loss: str) -> Dict:
         'reward_final': sum(rewards[-FINAL_K:]) / len(rewards[-FINAL_K:]) if rewards else math.nan,
         'metrics': {},
     }
-    for key in METRICS[loss] + COMMON_METRICS:
-        values = [float(r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-        if values:
-            out['metrics'][key] = max(values) if key.endswith('_max') else sum(values) / len(values)
+    reached = out['steps_to_threshold']
+    out['metrics_learning'] = {}
+    for target, part in ((out['metrics'], rows), (out['metrics_learning'], [r for r in rows if r['step'] < reached]
+                                                                             if reached else rows)):  # fmt: skip
+        for key in METRICS[loss] + COMMON_METRICS:
+            values = [float(r[key]) for r in part if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+            if values:
+                target[key] = max(values) if key.endswith('_max') else sum(values) / len(values)
     return out
 
 
@@ -274,6 +280,9 @@ def summarize_loss(runs: Sequence[Dict]) -> Dict:
         'steps_to_secondary': _median_iqr(censored_steps(runs, 'steps_to_secondary')),
         'reward_final': _median_iqr([r['reward_final'] for r in runs]),
         'metrics': {k: _median_iqr([r['metrics'][k] for r in runs if k in r['metrics']]) for k in metric_keys},
+        'metrics_learning': {
+            k: _median_iqr([r['metrics_learning'][k] for r in runs if k in r['metrics_learning']]) for k in metric_keys
+        },
     }
 
 
@@ -296,33 +305,58 @@ def _fmt_steps(v: float, max_steps: int) -> str:
     return f'>{max_steps}' if math.isinf(v) else f'{v:.0f}'
 
 
+def _fmt_range(q: Dict[str, float], fmt) -> str:
+    return f'{fmt(q["median"])} [{fmt(q["q25"])}, {fmt(q["q75"])}]'
+
+
 def markdown_table(summary: Dict[str, Dict], max_steps: int) -> str:
+    """Main table: one row per loss, medians [IQR] over seeds."""
+
+    def steps(v):
+        return _fmt_steps(v, max_steps)
+
+    def metrics(s, loss, part):
+        return ', '.join(f'{k} {v["median"]:.3g}' for k, v in s[part].items() if k in METRICS[loss])
+
     lines = [
-        f'| loss | reached {THRESHOLD} | steps to {THRESHOLD}: median [IQR] | reached {SECONDARY_THRESHOLD} | '
-        f'steps to {SECONDARY_THRESHOLD}: median [IQR] | final reward: median [IQR] | clip / zero-gradient metrics '
-        '(median over seeds of the run mean) |',
-        '|---|---|---|---|---|---|---|',
+        f'| loss | reached {THRESHOLD} | steps to {THRESHOLD} | reached {SECONDARY_THRESHOLD} | '
+        f'steps to {SECONDARY_THRESHOLD} | final reward | clip metrics before reaching {THRESHOLD} | '
+        'clip metrics over the run |',
+        '|---|---|---|---|---|---|---|---|',
     ]
     for loss, s in summary.items():
-        st, s2, fr = s['steps_to_threshold'], s['steps_to_secondary'], s['reward_final']
-        steps = ' '.join(
-            [
-                _fmt_steps(st['median'], max_steps),
-                f'[{_fmt_steps(st["q25"], max_steps)}, {_fmt_steps(st["q75"], max_steps)}]',
-            ]
-        )
-        steps2 = ' '.join(
-            [
-                _fmt_steps(s2['median'], max_steps),
-                f'[{_fmt_steps(s2["q25"], max_steps)}, {_fmt_steps(s2["q75"], max_steps)}]',
-            ]
-        )
-        metrics = ', '.join(f'{k} {v["median"]:.3g}' for k, v in s['metrics'].items() if k in METRICS[loss])
         lines.append(
-            f'| {loss} | {s["reached"]}/{s["n"]} | {steps} | {s["reached_secondary"]}/{s["n"]} | {steps2} | '
-            f'{fr["median"]:.3f} [{fr["q25"]:.3f}, {fr["q75"]:.3f}] | {metrics} |'
+            f'| {loss} | {s["reached"]}/{s["n"]} | {_fmt_range(s["steps_to_threshold"], steps)} | '
+            f'{s["reached_secondary"]}/{s["n"]} | {_fmt_range(s["steps_to_secondary"], steps)} | '
+            f'{_fmt_range(s["reward_final"], lambda v: f"{v:.3f}")} | {metrics(s, loss, "metrics_learning")} | '
+            f'{metrics(s, loss, "metrics")} |'
         )
     return '\n'.join(lines)
+
+
+def per_seed_table(runs: Dict[str, List[Dict]], max_steps: int) -> str:
+    """Steps to THRESHOLD of every run."""
+    seeds = [r['seed'] for r in next(iter(runs.values()))]
+    lines = ['| loss | ' + ' | '.join(f'seed {x}' for x in seeds) + ' |', '|---' * (len(seeds) + 1) + '|']
+    for loss, rs in runs.items():
+        cells = [_fmt_steps(math.inf if r['steps_to_threshold'] is None else r['steps_to_threshold'], max_steps)
+                 for r in rs]  # fmt: skip
+        lines.append(f'| {loss} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def _per_batch_median(curves: Sequence[Sequence[Sequence[float]]]):
+    """Each run's per-step values averaged over the NUM_ITERATIONS updates of each generation batch, then the median
+    over runs; x = the batch's first step."""
+    per_batch: Dict[int, List[float]] = {}
+    for curve in curves:
+        blocks: Dict[int, List[float]] = {}
+        for step, v in curve:
+            blocks.setdefault((int(step) - 1) // NUM_ITERATIONS, []).append(v)
+        for b, vs in blocks.items():
+            per_batch.setdefault(b, []).append(sum(vs) / len(vs))
+    xs = sorted(per_batch)
+    return [b * NUM_ITERATIONS + 1 for b in xs], [quantile(per_batch[b], 0.5) for b in xs]
 
 
 def plot(results: Dict, out_png: Path) -> None:
@@ -342,30 +376,21 @@ def plot(results: Dict, out_png: Path) -> None:
             steps, [quantile(c, 0.25) for c in cols], [quantile(c, 0.75) for c in cols], color=color, alpha=0.2
         )
         ax_r.plot(steps, med, color=color, label=f'{loss} (median, IQR over {len(runs)} seeds)')
-        key = 'cispo/clip_frac' if loss == 'cispo' else 'clip_ratio/region_mean'
-        per_step = {}
-        for r in runs:
-            for step, v in r['clip_curve'].get(key, []):
-                per_step.setdefault(step, []).append(v)
-        if per_step:
-            xs = sorted(per_step)
-            label = 'cispo: weight capped (gradient kept)' if loss == 'cispo' else f'{loss}: clipped (zero gradient)'
-            ax_c.plot(xs, [quantile(per_step[x], 0.5) for x in xs], color=color, linewidth=0.8, label=label)
         if loss == 'cispo':
-            per_step = {}
-            for r in runs:
-                for step, v in r['clip_curve'].get('cispo/ppo_zero_grad_frac', []):
-                    per_step.setdefault(step, []).append(v)
-            xs = sorted(per_step)
-            ax_c.plot(xs, [quantile(per_step[x], 0.5) for x in xs], color=color, linewidth=0.8, linestyle='--',
-                      label='cispo: tokens PPO (ε 0.2) would zero')  # fmt: skip
+            lines = (('cispo/clip_frac', '-', 'cispo: weight capped (gradient kept)'),
+                     ('cispo/ppo_zero_grad_frac', '--', 'cispo: tokens PPO (ε 0.2) would zero'))  # fmt: skip
+        else:
+            lines = (('clip_ratio/region_mean', '-', f'{loss}: clipped (zero gradient)'),)
+        for key, style, label in lines:
+            xs, ys = _per_batch_median([r['clip_curve'].get(key, []) for r in runs])
+            ax_c.plot(xs, ys, color=color, linestyle=style, label=label)
     ax_r.axhline(THRESHOLD, color='gray', linestyle=':', linewidth=1, label=f'threshold {THRESHOLD}')
     ax_r.set_xlabel('optimizer step')
     ax_r.set_ylabel(f'reward (batch mean, logged every {NUM_ITERATIONS} steps)')
     ax_r.set_title(f'rare-token task, {NUM_ITERATIONS} updates per generation batch')
     ax_c.set_xlabel('optimizer step')
-    ax_c.set_ylabel('share of completion tokens (median over seeds)')
-    ax_c.set_title('clipped tokens per step')
+    ax_c.set_ylabel('share of completion tokens')
+    ax_c.set_title(f'clipped tokens: mean over the {NUM_ITERATIONS} updates of a batch, median over seeds')
     for ax in (ax_r, ax_c):
         ax.grid(alpha=0.3)
         ax.legend(fontsize='small')
@@ -525,20 +550,33 @@ def main(argv: Optional[List[str]] = None) -> int:
         f'Steps: optimizer steps ({NUM_ITERATIONS} per generation batch of {BATCH} completions), first logged step '
         f'where the mean reward of {SMOOTH} consecutive generation batches reaches the threshold. Runs that never '
         f'reach it are censored at {a.max_steps} steps and ranked after all others; a quantile that falls on a '
-        f'censored run is shown as >{a.max_steps}. Final reward: mean of the last {FINAL_K} generation batches.',
+        f'censored run is shown as >{a.max_steps}. Final reward: mean of the last {FINAL_K} generation batches. '
+        'Medians [interquartile range] over seeds; metrics: median over seeds of per-run means (ratio_max: of '
+        f'per-run maxima), "before reaching {THRESHOLD}" = the steps before the run reached it. '
+        "grpo/dapo clip_ratio/*: swift's share of completion tokens clipped, i.e. given zero gradient (high: Â > 0 and "
+        'r > 1 + ε_high; low: Â < 0 and r < 1 − ε; region: either). cispo/clip_frac: share whose weight was capped at '
+        '5 (gradient kept; _pos: with Â > 0); cispo/ppo_zero_grad_frac: share PPO with ε = 0.2 would have given zero '
+        'gradient; cispo/ratio_max: the largest ratio r seen in the run.',
+        '',
+        f'Steps to {THRESHOLD} per run:',
+        '',
+        per_seed_table(results['runs'], a.max_steps),
         '',
     ]
+    comparison_lines = []
     for name, c in comparisons.items():
         ratio = 'n/a' if c['median_ratio'] is None else f'{c["median_ratio"]:.2f}'
-        md.append(f'- {name}: median ratio {ratio}, Mann-Whitney U {c["U"]:.1f}, two-sided p {c["p"]:.3g}')
+        comparison_lines.append(
+            f'- {name}: ratio of median steps to {THRESHOLD} {ratio}, Mann-Whitney U {c["U"]:.1f}, '
+            f'two-sided p {c["p"]:.3g} (censored runs ranked last; descriptive, {len(a.seeds)} seeds a side)'
+        )
+    md += comparison_lines
     md += ['', f'Wall time {results["wall_s"]:.0f} s ({a.launch}). Conditions:', '', '```json']
     md += [json.dumps(conditions, indent=2), '```', '']
     (out / 'results.md').write_text('\n'.join(md))
     plot(results, out / 'sample_efficiency.png')
-    print('\n' + table + '\n')
-    for line in md[md.index('') + 3 :]:
-        if line.startswith('- '):
-            print(line)
+    print('\n' + table + '\n\n' + per_seed_table(results['runs'], a.max_steps) + '\n')
+    print('\n'.join(comparison_lines))
     print(f'\nwall time {results["wall_s"]:.0f} s; wrote {out / "results.json"}, {out / "results.md"}, '
           f'{out / "sample_efficiency.png"}')  # fmt: skip
     return 0
