@@ -10,6 +10,15 @@ which is enough for group-relative advantages to find it.
 
     cispo_tiny_letter        partial credit: share of the completion's non-space characters equal to ``letter``
     cispo_tiny_letter_exact  1.0 when every non-space character is ``letter`` (at least one), else 0.0
+
+Task ``rare`` (the sample-efficiency benchmark, ``scripts/bench_sample_efficiency.py``): the user asks for a letter
+``count`` times (``Write the letter z 8 times.``); the reward counts that letter in the completion, capped. The
+default letter ``z`` appears in only 5 of the tiny tokenizer's 600 tokens (``z zz zzz zzzz`` and `` z``), none of
+them in the prompt or the chat scaffolding, so the random initial policy rarely samples the tokens the reward
+depends on: the mechanism CISPO targets (MiniMax-M1 section 3.1: rare tokens whose ratio leaves PPO's trust region
+on the first off-policy update, after which clipping gives them no gradient).
+
+    cispo_rare_count         min(occurrences of ``letter``, ``count``) / ``count``: partial credit per rare character
 """
 
 import os
@@ -65,7 +74,40 @@ def letter_rows(n: int, seed: int, letters: str = DEFAULT_LETTERS) -> List[Dict]
     return rows
 
 
-TASKS = {'letter': letter_rows}
+RARE_PROMPTS = (
+    'Write the letter {letter} {count} times.',
+    'Repeat the letter {letter} {count} times.',
+    'Say {letter} {count} times.',
+)
+RARE_LETTER = 'z'
+RARE_COUNT = 8
+
+
+def rare_count_reward(completion: str, letter: str, count: int) -> float:
+    """``min(occurrences of letter in completion, count) / count``: 0.0 without the letter, 1.0 from ``count`` on.
+
+    Other characters cost nothing: the reward measures only how often the policy emits the rare letter's tokens.
+    """
+    if count < 1:
+        raise ValueError(f'count={count}: the reward is occurrences / count, so count must be >= 1.')
+    return min(completion.count(letter), count) / count
+
+
+def rare_rows(n: int, seed: int, letter: str = RARE_LETTER, count: int = RARE_COUNT) -> List[Dict]:
+    """``n`` rows in swift's ``messages`` format plus the ``letter`` and ``count`` columns the reward reads."""
+    if len(letter) != 1:
+        raise ValueError(f'letter={letter!r}: give one character, e.g. letter="z".')
+    if count < 1:
+        raise ValueError(f'count={count}: ask for the letter at least once.')
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = rng.choice(RARE_PROMPTS).format(letter=letter, count=count)
+        rows.append({'messages': [{'role': 'user', 'content': prompt}], 'letter': letter, 'count': count})
+    return rows
+
+
+TASKS = {'letter': letter_rows, 'rare': rare_rows}
 
 
 class TinyLetter(ORM):
@@ -86,8 +128,22 @@ class TinyLetterExact(ORM):
         return [letter_exact(c, t) for c, t in zip(completions, letter)]
 
 
+class RareCount(ORM):
+    """``min(occurrences of the row's letter, count) / count``, from the ``letter`` and ``count`` columns."""
+
+    def __call__(
+        self, completions: List[str], letter: Optional[List[str]] = None, count: Optional[List[int]] = None, **kwargs
+    ) -> List[float]:
+        if letter is None or count is None:
+            raise ValueError(
+                'cispo_rare_count needs "letter" and "count" columns in the dataset (see cispo_swift.tasks.rare_rows).'
+            )
+        return [rare_count_reward(c, t, int(k)) for c, t, k in zip(completions, letter, count)]
+
+
 ORMS = {
     'cispo_tiny_letter': TinyLetter,
     'cispo_tiny_letter_exact': TinyLetterExact,
+    'cispo_rare_count': RareCount,
 }
 orms.update(ORMS)

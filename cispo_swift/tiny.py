@@ -186,6 +186,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--rows', type=int, default=256, help='number of training rows')
     p.add_argument('--letters', default=None, help='target letters for the letter task (default: tasks default)')
     a = p.parse_args(argv)
+    if a.letters is not None and a.task != 'letter':
+        p.error(f'--letters applies to --task letter only (got --task {a.task}).')
     cfg = TinyConfig(
         tokenizer_vocab=a.tokenizer_vocab,
         vocab_size=a.vocab_size,

@@ -157,6 +157,59 @@ def test_letter_reward_values():
     assert tasks.TinyLetterExact()(completions, letter=letter) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
 
 
+def test_rare_count_reward_values():
+    completions = ['', 'abc', 'z', ' z z', 'zzzz', 'zzzzzzz', 'zzzzzzzz', 'z' * 20, 'Zz', 'a z b zz c zzz', 'zzz']
+    letter = ['z'] * 10 + ['q']
+    count = [8] * 10 + [2]
+    expected = [0.0, 0.0, 1 / 8, 2 / 8, 4 / 8, 7 / 8, 1.0, 1.0, 1 / 8, 6 / 8, 0.0]
+    assert tasks.RareCount()(completions, letter=letter, count=count) == expected
+    # Other characters cost nothing; only the capped count of the letter matters.
+    assert tasks.rare_count_reward('zz' + 'x' * 50, 'z', 4) == tasks.rare_count_reward('zz', 'z', 4) == 0.5
+    assert tasks.rare_count_reward('zzz', 'z', 1) == 1.0
+    with pytest.raises(ValueError, match='count must be >= 1'):
+        tasks.rare_count_reward('z', 'z', 0)
+
+
+def test_rare_count_needs_its_columns():
+    with pytest.raises(ValueError, match='"letter" and "count" columns'):
+        tasks.RareCount()(['z'], letter=['z'])
+    with pytest.raises(ValueError, match='"letter" and "count" columns'):
+        tasks.RareCount()(['z'], count=[8])
+
+
+def test_rare_rows():
+    rows = tasks.rare_rows(50, 0)
+    assert rows == tasks.rare_rows(50, 0) and rows != tasks.rare_rows(50, 1)
+    prompts = {p.format(letter='z', count=8) for p in tasks.RARE_PROMPTS}
+    for r in rows:
+        assert (r['letter'], r['count']) == ('z', 8) and len(r['messages']) == 1
+        assert r['messages'][0]['role'] == 'user' and r['messages'][0]['content'] in prompts
+    assert {r['messages'][0]['content'] for r in rows} == prompts
+    assert tasks.rare_rows(3, 0, letter='q', count=2)[0]['messages'][0]['content'].endswith('q 2 times.')
+    with pytest.raises(ValueError, match='give one character'):
+        tasks.rare_rows(3, 0, letter='zz')
+    with pytest.raises(ValueError, match='at least once'):
+        tasks.rare_rows(3, 0, count=0)
+
+
+def test_rare_letter_is_rare_for_the_tiny_tokenizer(built):
+    """The premise of the benchmark task: few tokens contain the letter, and neither prompt nor scaffolding does."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(built['model'])
+    with_letter = [t for t in tok.get_vocab() if tasks.RARE_LETTER in tok.convert_tokens_to_string([t])]
+    assert 0 < len(with_letter) <= 8, with_letter
+    row = tasks.rare_rows(1, 0)[0]
+    prompt = tok.apply_chat_template(row['messages'], tokenize=False, add_generation_prompt=True)
+    assert prompt.count(tasks.RARE_LETTER) == 1  # the request itself, once
+
+
+def test_build_writes_the_rare_task(tmp_path):
+    paths = build(str(tmp_path), task='rare', n_rows=6, count=3)
+    rows = [json.loads(line) for line in Path(paths['train']).read_text().splitlines()]
+    assert rows == tasks.rare_rows(6, 0, count=3)
+
+
 def test_rewards_need_the_letter_column():
     for orm in (tasks.TinyLetter(), tasks.TinyLetterExact()):
         with pytest.raises(ValueError, match='"letter" column'):
@@ -177,6 +230,7 @@ def test_plugin_file_registers_rewards_and_leaves_sys_path_alone(monkeypatch):
     assert module.__name__ != 'cispo_swift.tasks'
     assert orms['cispo_tiny_letter'] is module.TinyLetter
     assert orms['cispo_tiny_letter_exact'] is module.TinyLetterExact
+    assert orms['cispo_rare_count'] is module.RareCount
     assert str(ROOT / 'cispo_swift') not in sys.path
 
 

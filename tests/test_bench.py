@@ -1,0 +1,58 @@
+"""The benchmark script's statistics (steps to threshold, censoring, quantiles), on made-up logs: no training."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / 'scripts' / 'bench_sample_efficiency.py'
+spec = importlib.util.spec_from_file_location('bench_sample_efficiency', SCRIPT)
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def _rows(rewards, every=8, **metrics):
+    """Logged rows as swift writes them with --num_iterations `every`: the reward only on generation steps."""
+    rows = []
+    for i, r in enumerate(rewards):
+        for k in range(every):
+            row = {'step': i * every + k + 1, **{key: v[i] for key, v in metrics.items()}}
+            if k == 0:
+                row['reward'] = r
+            rows.append(row)
+    return rows
+
+
+def test_steps_to_threshold_uses_the_trailing_mean():
+    curve = [[1, 0.0], [9, 0.9], [17, 0.1], [25, 0.3], [33, 0.8], [41, 0.9]]
+    assert bench.steps_to_threshold(curve, 0.5, 1) == 9  # one lucky batch counts without smoothing
+    assert bench.steps_to_threshold(curve, 0.5, 3) == 41  # (0.3 + 0.8 + 0.9) / 3, the first trailing mean ≥ 0.5
+    assert bench.steps_to_threshold(curve, 0.95, 3) is None  # censored
+
+
+def test_quantiles_with_censored_runs():
+    inf = math.inf
+    assert bench.quantile([3, 1, 2, 4], 0.5) == 2.5
+    assert bench.quantile([10, 20, 30, inf], 0.25) == 17.5  # below the censored share: exact
+    assert bench.quantile([10, 20, 30, inf], 0.75) == inf  # touches the censored run
+    assert bench.quantile([10, 20, 30, inf, inf], 0.5) == 30
+    assert bench.quantile([10, inf, inf], 0.5) == inf
+
+
+def test_summaries_of_runs():
+    other_keys = bench.summarize_run(_rows([0.0, 0.4], **{'cispo/clip_frac': [0.5, 0.3]}), 'grpo')
+    assert other_keys['metrics'] == {} and other_keys['steps_to_threshold'] is None  # only the loss' own metrics
+    rows = _rows([0.0, 0.4, 0.6, 0.7, 1.0], **{'clip_ratio/region_mean': [0.5, 0.3, 0.1, 0.0, 0.0]})
+    run = bench.summarize_run(rows, 'grpo')
+    assert run['steps_to_threshold'] == 25 and run['steps'] == 40  # (0.4 + 0.6 + 0.7) / 3 ≥ 0.5 at the 4th batch
+    assert run['reward_final'] == pytest.approx((0.0 + 0.4 + 0.6 + 0.7 + 1.0) / 5)
+    assert run['metrics']['clip_ratio/region_mean'] == pytest.approx(0.18)
+    assert run['metrics_learning']['clip_ratio/region_mean'] == pytest.approx(0.3)  # steps 1-24
+    never = bench.summarize_run(_rows([0.0, 0.1, 0.1], **{'clip_ratio/region_mean': [0.2, 0.2, 0.2]}), 'grpo')
+    s = bench.summarize_loss([run, run, never])
+    assert (s['n'], s['reached']) == (3, 2)
+    assert s['steps_to_threshold'] == {'median': 25, 'q25': 25, 'q75': math.inf}
+    table = bench.markdown_table({'grpo': s}, max_steps=40)
+    assert '| grpo | 2/3 | 25 [25, >40] |' in table
+    assert bench._finite({'a': [math.inf, 1.0]}) == {'a': ['inf', 1.0]}
