@@ -140,9 +140,10 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         entropy = hidden.new_empty(n_tok, dtype=_stat_dtype(cdt)) if compute_entropy else None
         for start in range(0, n_tok, chunk_size):
             end = min(start + chunk_size, n_tok)
-            _, _, logp, ent = _chunk_softmax(
+            # the [n, V] buffer is dropped at once, so two chunks' logits never coexist
+            logp, ent = _chunk_softmax(
                 hidden[start:end].to(cdt), w, b, target[start:end], temperature, compute_entropy
-            )
+            )[2:]
             logps[start:end] = logp
             if entropy is not None:
                 entropy[start:end] = ent
@@ -173,6 +174,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             e, s, _, _ = _chunk_softmax(h_c, w, b, t_c, ctx.temperature, False)
             g = _grad_logits_(e, s, t_c, grad_logps[start:end] / ctx.temperature)
             _accumulate_grads(g, h_c, w, grad_hidden, grad_w, grad_b, start, end)
+            del e, g  # free this chunk's [n, V] before the next one is allocated
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
         return (grad_hidden, grad_w, grad_b) + (None,) * 5  # target, temperature, chunk_size, fp32_head, entropy
@@ -247,6 +249,8 @@ class _FusedLinearLogpLoss(torch.autograd.Function):
             if need_h or need_w or need_b:
                 g = _grad_logits_(e, s, t_c, dlogp.to(e.dtype) / temperature)
                 _accumulate_grads(g, h_c, w, grad_hidden, grad_w, grad_b, start, end)
+                del g
+            del e  # free this chunk's [n, V] before the next one is allocated
         del w, b
         # Stored in the parameters' dtypes; backward only scales them by grad_output.
         ctx.grads = [
