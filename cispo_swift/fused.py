@@ -83,16 +83,40 @@ def _head(weight, bias, cdt):
     return w, b
 
 
-def _chunk_softmax(h_c, w, b, t_c, temperature, want_entropy):
-    """Logits of one chunk and their softmax statistics, in float32.
+class _Workspace:
+    """Buffers reused by every chunk of one call: fresh [n, V] allocations cost page faults each time.
+
+    z [C, V] in the matmul dtype (logits, then G cast back for the grad matmuls); f [C, V] float32 for the
+    softmax statistics (the same buffer as z when the matmul dtype is float32 or wider); for a grad_W accumulated
+    in a wider dtype than the matmuls, a [VB, H] block pair that keeps the upcast in cache.
+    """
+
+    VOCAB_BLOCK = 16384
+
+    def __init__(self, rows, w, stat_dtype, widen_grad_w):
+        vocab, hid = w.shape
+        self.z = w.new_empty(rows, vocab)
+        self.f = self.z if self.z.dtype == stat_dtype else w.new_empty(rows, vocab, dtype=stat_dtype)
+        if widen_grad_w:
+            self.blk = w.new_empty(min(self.VOCAB_BLOCK, vocab), hid)
+            self.blk_wide = w.new_empty(min(self.VOCAB_BLOCK, vocab), hid, dtype=stat_dtype)
+
+
+def _chunk_softmax(h_c, w, b, t_c, temperature, want_entropy, ws):
+    """Logits of one chunk and their softmax statistics, in float32 (float64 for float64 inputs).
 
     h_c [n, H], w [V, H], b [V] | None, t_c [n] -> (e [n, V], s [n], logp [n], entropy [n] | None), where
-    e = exp(z - max z) with z = (h_c wᵀ + b) / τ, s = Σ_v e (so softmax = e / s); e is a fresh buffer the caller
-    may overwrite.
+    e = exp(z - max z) with z = (h_c wᵀ + b) / τ, s = Σ_v e (so softmax = e / s); e is a view of ws.f that the
+    caller may overwrite until the next chunk.
     """
-    z = torch.mm(h_c, w.T) if b is None else torch.addmm(b, h_c, w.T)
-    if z.dtype.itemsize < 4:  # bf16/fp16 logits: statistics in float32
-        z = z.float()
+    n = h_c.shape[0]
+    z = ws.z[:n]
+    if b is None:
+        torch.mm(h_c, w.T, out=z)
+    else:
+        torch.addmm(b, h_c, w.T, out=z)
+    if ws.f is not ws.z:  # bf16/fp16 logits: statistics in float32
+        z = ws.f[:n].copy_(z)
     if temperature != 1.0:
         z.div_(temperature)  # same op as swift's logits.div_(temperature)
     m = z.amax(dim=1, keepdim=True)
@@ -116,18 +140,26 @@ def _grad_logits_(e, s, t_c, coef):
     return e
 
 
-def _accumulate_grads(g, h_c, w, grad_hidden, grad_w, grad_b, start, end):
+def _accumulate_grads(g, h_c, w, grad_hidden, grad_w, grad_b, start, end, ws):
     """G [n, V] float32 -> grad_hidden[start:end] = G w; grad_w += Gᵀ h_c; grad_b += Σ G (each if not None)."""
     if grad_b is not None:
         grad_b.add_(g.sum(dim=0))
-    g = g.to(w.dtype)
+    n = g.shape[0]
+    if ws.f is not ws.z:
+        g = ws.z[:n].copy_(g)  # G in the matmul dtype (what autograd would feed the matmuls)
     if grad_hidden is not None:
         grad_hidden[start:end] = torch.mm(g, w)
-    if grad_w is not None:
-        if grad_w.dtype == g.dtype:
-            grad_w.addmm_(g.T, h_c)
-        else:  # bf16 product per chunk, summed over chunks in float32
-            grad_w.add_(torch.mm(g.T, h_c))
+    if grad_w is None:
+        return
+    if grad_w.dtype == g.dtype:
+        grad_w.addmm_(g.T, h_c)
+        return
+    # bf16 matmul per vocab block, summed over chunks in float32; blocks keep the upcast in cache
+    vb = ws.blk.shape[0]
+    for v0 in range(0, grad_w.shape[0], vb):
+        v1 = min(v0 + vb, grad_w.shape[0])
+        blk = torch.mm(g[:, v0:v1].T, h_c, out=ws.blk[: v1 - v0])
+        grad_w[v0:v1].add_(ws.blk_wide[: v1 - v0].copy_(blk))
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
@@ -136,18 +168,18 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         n_tok = hidden.shape[0]
         cdt = _compute_dtype(hidden, weight, fp32_head)
         w, b = _head(weight, bias, cdt)
+        ws = _Workspace(min(chunk_size, n_tok), w, _stat_dtype(cdt), widen_grad_w=False)
         logps = hidden.new_empty(n_tok, dtype=_stat_dtype(cdt))
         entropy = hidden.new_empty(n_tok, dtype=_stat_dtype(cdt)) if compute_entropy else None
         for start in range(0, n_tok, chunk_size):
             end = min(start + chunk_size, n_tok)
-            # the [n, V] buffer is dropped at once, so two chunks' logits never coexist
             logp, ent = _chunk_softmax(
-                hidden[start:end].to(cdt), w, b, target[start:end], temperature, compute_entropy
+                hidden[start:end].to(cdt), w, b, target[start:end], temperature, compute_entropy, ws
             )[2:]
             logps[start:end] = logp
             if entropy is not None:
                 entropy[start:end] = ent
-        del w, b
+        del w, b, ws
         ctx.save_for_backward(hidden, weight, bias, target)
         ctx.temperature, ctx.chunk_size, ctx.fp32_head = temperature, chunk_size, fp32_head
         if entropy is not None:
@@ -168,13 +200,16 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=_stat_dtype(cdt), device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=_stat_dtype(cdt), device=bias.device) if need_b else None
         grad_logps = grad_logps.to(_stat_dtype(cdt))
+        ws = _Workspace(
+            min(ctx.chunk_size, n_tok), w, _stat_dtype(cdt), widen_grad_w=need_w and w.dtype != grad_w.dtype
+        )
         for start in range(0, n_tok, ctx.chunk_size):
             end = min(start + ctx.chunk_size, n_tok)
             h_c, t_c = hidden[start:end].to(cdt), target[start:end]
-            e, s, _, _ = _chunk_softmax(h_c, w, b, t_c, ctx.temperature, False)
+            e, s, _, _ = _chunk_softmax(h_c, w, b, t_c, ctx.temperature, False, ws)
             g = _grad_logits_(e, s, t_c, grad_logps[start:end] / ctx.temperature)
-            _accumulate_grads(g, h_c, w, grad_hidden, grad_w, grad_b, start, end)
-            del e, g  # free this chunk's [n, V] before the next one is allocated
+            _accumulate_grads(g, h_c, w, grad_hidden, grad_w, grad_b, start, end, ws)
+        del ws
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
         return (grad_hidden, grad_w, grad_b) + (None,) * 5  # target, temperature, chunk_size, fp32_head, entropy
@@ -203,7 +238,10 @@ def chunked_token_logps(
         bias: [V] LM head bias, or None.
         target: [N] int64 token ids.
         temperature: τ > 0; logits are divided by it (as swift does with its sampling temperature).
-        chunk_size: tokens per chunk; peak extra memory ≈ chunk_size · V · (4 + input itemsize) bytes.
+        chunk_size: tokens per chunk. Working memory: a [chunk_size, V] buffer in float32, plus one in the
+            matmul dtype when that is bf16/fp16 (so chunk_size · V · 4 or · 6 bytes), and in backward the
+            float32 grad_W accumulator [V, H]. Larger chunks amortise the per-chunk grad_W accumulation
+            (a pass over [V, H]), which matters most with bf16 matmuls.
         fp32_head: do the matmuls in float32 even for bf16/fp16 inputs (MiniMax-M1's FP32 LM head).
         compute_entropy: also return the per-token entropy of softmax(z) (nats), detached.
 
@@ -232,10 +270,11 @@ class _FusedLinearLogpLoss(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=_stat_dtype(cdt), device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=_stat_dtype(cdt), device=bias.device) if need_b else None
+        ws = _Workspace(min(chunk_size, n_tok), w, _stat_dtype(cdt), widen_grad_w=need_w and w.dtype != grad_w.dtype)
         for start in range(0, n_tok, chunk_size):
             end = min(start + chunk_size, n_tok)
             h_c, t_c = hidden[start:end].to(cdt), target[start:end]
-            e, s, logp, ent = _chunk_softmax(h_c, w, b, t_c, temperature, compute_entropy)
+            e, s, logp, ent = _chunk_softmax(h_c, w, b, t_c, temperature, compute_entropy, ws)
             logps[start:end] = logp
             if entropy is not None:
                 entropy[start:end] = ent
@@ -248,10 +287,8 @@ class _FusedLinearLogpLoss(torch.autograd.Function):
             loss += loss_c.to(loss.dtype)
             if need_h or need_w or need_b:
                 g = _grad_logits_(e, s, t_c, dlogp.to(e.dtype) / temperature)
-                _accumulate_grads(g, h_c, w, grad_hidden, grad_w, grad_b, start, end)
-                del g
-            del e  # free this chunk's [n, V] before the next one is allocated
-        del w, b
+                _accumulate_grads(g, h_c, w, grad_hidden, grad_w, grad_b, start, end, ws)
+        del w, b, ws
         # Stored in the parameters' dtypes; backward only scales them by grad_output.
         ctx.grads = [
             grad_hidden,
@@ -308,8 +345,9 @@ def fused_linear_logp_loss(
         logps: [N] float32, detached.
         entropy: [N] float32, detached, or None.
 
-    Memory: besides the chunk buffers, grad_hidden [N, H] and grad_W [V, H] are held from forward to backward
-    (grad_W in float32 during the loop). Under ``torch.no_grad()`` no gradient is formed.
+    Memory: the chunk buffers as in ``chunked_token_logps``; grad_W [V, H] is accumulated in float32 during the
+    loop, and grad_hidden [N, H] and grad_W (in the parameters' dtypes) are held from forward to backward.
+    Under ``torch.no_grad()`` no gradient is formed.
     """
     _check_inputs(hidden, weight, bias, target, temperature, chunk_size)
     return _FusedLinearLogpLoss.apply(

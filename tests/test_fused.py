@@ -12,6 +12,7 @@ Truth is computed in float64 from the same (possibly bf16-rounded) inputs. Toler
 import pytest
 import torch
 
+import cispo_swift.fused as fused_mod
 from cispo_swift.fused import chunked_token_logps, fused_linear_logp_loss, make_cispo_coef_fn
 
 N, H, V = 37, 32, 211
@@ -199,6 +200,28 @@ def test_fused_loss_values_and_grads(dtype, fp32_head, chunk_size, temperature, 
         assert got.dtype == inp.dtype
         assert_close(got, want, dtype, 'grad', fp32_head)
     assert torch.all(ins[0].grad[mask == 0] == 0)
+
+
+@pytest.mark.parametrize('fused', [False, True])
+def test_bf16_grad_weight_accumulated_in_vocab_blocks(monkeypatch, fused):
+    # bf16 grad_W is summed over chunks in float32 one vocab block at a time; make V = 211 span 5 blocks.
+    monkeypatch.setattr(fused_mod._Workspace, 'VOCAB_BLOCK', 50)
+    hidden, weight, bias, target, old_logps, adv, mask = make_inputs(torch.bfloat16, True)
+    normalizer = mask.sum().item()
+    ref_in = leaves([hidden, weight, bias], torch.float64)
+    ref_cispo_loss(
+        ref_token_logps(*ref_in, target, 0.7), old_logps.double(), adv.double(), mask.double(), normalizer
+    ).backward()
+    ins = leaves([hidden, weight, bias])
+    if fused:
+        coef_fn = make_cispo_coef_fn(old_logps, adv, mask, epsilon_high=EPS_HIGH, normalizer=normalizer)
+        loss = fused_linear_logp_loss(*ins, target, coef_fn, temperature=0.7, chunk_size=5)[0]
+    else:
+        lp = chunked_token_logps(*ins, target, temperature=0.7, chunk_size=5)[0]
+        loss = ref_cispo_loss(lp, old_logps, adv, mask, normalizer)
+    loss.backward()
+    for got, want in zip(grads(ins), grads(ref_in)):
+        assert_close(got, want, torch.bfloat16, 'grad')
 
 
 def test_cispo_coef_fn_clipped_token_keeps_gradient():
