@@ -67,6 +67,11 @@ def _peak_rss_mib(resettable):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; cannot be reset
 
 
+def _cpu_s():
+    r = resource.getrusage(resource.RUSAGE_SELF)  # all threads of this process
+    return r.ru_utime + r.ru_stime
+
+
 def _cpu_model():
     try:
         with open('/proc/cpuinfo') as f:
@@ -147,6 +152,11 @@ def worker(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    # import everything any step needs before the memory baseline (trl alone is > 100 MiB of RSS)
+    import trl.trainer.utils  # noqa: F401
+
+    import cispo_swift.fused  # noqa: F401
+
     dtype = getattr(torch, args.dtype)
     inputs = make_inputs(torch, args.n, args.seq_len, args.vocab, args.hidden, dtype)
     gc.collect()
@@ -160,25 +170,28 @@ def worker(args):
     step = STEPS[args.method]
     hidden, weight = inputs[:2]
     out = {'method': args.method, 'n': args.n, 'chunk': args.chunk if args.method != 'swift' else None}
-    times, fwd_times, phase = [], [], 'forward'
+    times, fwd_times, cpu_times, phase = [], [], [], 'forward'
     try:
         for i in range(args.warmup + args.repeats):
             hidden.grad = weight.grad = None
             gc.collect()
             _reset_peak_rss()
             phase = 'forward'
+            c0 = _cpu_s()
             t0 = time.perf_counter()
             loss = step(torch, inputs, args)
             t1 = time.perf_counter()
             phase = 'backward'
             loss.backward()
             t2 = time.perf_counter()
+            c2 = _cpu_s()
             loss_value = loss.item()
             del loss
             peaks.append(_peak_rss_mib(resettable) - base_mib)
             if i >= args.warmup:
                 fwd_times.append(t1 - t0)
                 times.append(t2 - t0)
+                cpu_times.append(c2 - c0)
     except (RuntimeError, MemoryError) as e:
         msg = str(e).splitlines()[0][:200]
         oom = isinstance(e, MemoryError) or 'alloc' in msg.lower()
@@ -194,6 +207,8 @@ def worker(args):
         base_mib=base_mib,
         time_s=statistics.median(times),
         fwd_s=statistics.median(fwd_times),
+        cpu_s=statistics.median(cpu_times),
+        load1=os.getloadavg()[0],
         times=times,
         loss=loss_value,
         grad_w_norm=weight.grad.float().norm().item(),
@@ -241,7 +256,8 @@ def conditions(args):
         f'{args.temperature}, bias none, CISPO eps_high {EPS_HIGH} (absolute cap)',
         f'swift layout: [B, T, V] with T = {args.seq_len} (B = tokens / T); chunked/fused: flat [N, H]',
         f'timing: median of {args.repeats} after {args.warmup} warm-up, forward + backward, each run in a fresh '
-        'process',
+        'process; wall-clock (fwd s, total s) and process CPU time (cpu s, all threads); load = 1-min load average '
+        'after the run',
         'memory: peak RSS of a repeat (VmHWM reset via /proc/self/clear_refs) minus RSS after creating the inputs, '
         'max over repeats; includes weight.grad',
     ]
@@ -291,7 +307,7 @@ def main():
     results = []
     hdr = (
         f'{"tokens":>7} {"method":>8} {"chunk":>6} {"status":>7} {"peak MiB":>9} {"fwd s":>7} {"total s":>8} '
-        f'{"mem/swift":>9} {"time/swift":>10}  loss / |grad_W| / |grad_h|'
+        f'{"cpu s":>7} {"load":>5} {"mem/swift":>9} {"time/swift":>10} {"cpu/swift":>9}  loss / |grad_W| / |grad_h|'
     )
     print('\n' + hdr + '\n' + '-' * len(hdr), flush=True)
     for n in sizes:
@@ -316,12 +332,14 @@ def fmt_row(r, ref):
     if r['status'] != 'ok':
         peak = f'{r["peak_mib"]:9.0f}' if 'peak_mib' in r else f'{"":>9}'
         return f'{r["n"]:>7} {r["method"]:>8} {c:>6} {r["status"]:>7} {peak}  in {r["where"]}: {r["message"]}'
-    mr = tr = ''
+    mr = tr = cr = ''
     if ref is not None and r['method'] != 'swift':
         mr, tr = f'{r["peak_mib"] / ref["peak_mib"]:.3f}', f'{r["time_s"] / ref["time_s"]:.3f}'
+        cr = f'{r["cpu_s"] / ref["cpu_s"]:.3f}'
     return (
         f'{r["n"]:>7} {r["method"]:>8} {c:>6} {r["status"]:>7} {r["peak_mib"]:9.0f} {r["fwd_s"]:7.2f} '
-        f'{r["time_s"]:8.2f} {mr:>9} {tr:>10}  {r["loss"]:.6g} / {r["grad_w_norm"]:.6g} / {r["grad_h_norm"]:.6g}'
+        f'{r["time_s"]:8.2f} {r["cpu_s"]:7.1f} {r["load1"]:5.1f} {mr:>9} {tr:>10} {cr:>9}  '
+        f'{r["loss"]:.6g} / {r["grad_w_norm"]:.6g} / {r["grad_h_norm"]:.6g}'
     )
 
 
@@ -342,7 +360,7 @@ def summary(results):
         if r['n'] == n and r['method'] != 'swift' and r['status'] == 'ok':
             lines.append(
                 f'  {r["method"]:>8} chunk {r["chunk"]:>5}: memory {r["peak_mib"] / ref["peak_mib"]:.3f}x, '
-                f'time {r["time_s"] / ref["time_s"]:.3f}x of swift'
+                f'time {r["time_s"] / ref["time_s"]:.3f}x, cpu time {r["cpu_s"] / ref["cpu_s"]:.3f}x of swift'
             )
     return '\n'.join(lines)
 
