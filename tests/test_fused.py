@@ -95,7 +95,7 @@ CASES = [
     pytest.param(torch.bfloat16, False, id='bf16'),
     pytest.param(torch.bfloat16, True, id='bf16-fp32head'),
 ]
-CHUNKS = [1, 5, 16, N, 64]  # 1, two that don't divide N, = N, > N
+CHUNKS = [1, 5, N, 64]  # 1, one that does not divide N, = N, > N
 
 
 # ---------------------------------------------------------------- chunked_token_logps
