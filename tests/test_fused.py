@@ -19,6 +19,15 @@ N, H, V = 37, 32, 211
 EPS_HIGH = 1.5  # absolute cap on the IS ratio (swift's convention), low enough that some tokens clip
 
 
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    # Tiny tensors: OpenMP synchronisation dominates, and stalls badly on a loaded machine. Restored after.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ---------------------------------------------------------------- reference (independent of fused.py)
 def ref_logprobs_all(hidden, weight, bias, temperature):
     logits = hidden @ weight.T  # [N, V]
