@@ -9,8 +9,9 @@ backward as well. Here the logits exist only for ``chunk_size`` tokens at a time
   Four matmuls over [N, H] x [H, V]: forward, recompute, grad_hidden, grad_weight.
 - ``fused_linear_logp_loss``: for losses that are a per-token function of log π whose derivative is known
   once log π is known (CISPO: the clipped weight is sg(.), a constant). The gradients are formed inside the
-  forward chunk loop and only scaled in backward. Three matmuls: forward, grad_hidden, grad_weight
-  (two when the LM head is frozen, as with LoRA).
+  forward chunk loop and only scaled in backward. Three matmuls: forward, grad_hidden, grad_weight.
+
+With a frozen LM head (LoRA; weight.requires_grad False) the grad_weight matmul is skipped in both.
 
 Maths, per token t with hidden h_t [H], LM head W [V, H], bias b [V], temperature τ, target y_t:
 
@@ -326,7 +327,7 @@ def fused_linear_logp_loss(
     """Loss L = Σ_chunks loss_chunk(log π) through the LM head, with gradients formed in the forward (3 matmuls).
 
     For a loss that is a per-token function of log π(y_t) whose derivative is known once log π is known, e.g.
-    CISPO (MiniMax-M1, arXiv 2506.13585, eq. 4) with the clipped IS weight a constant:
+    CISPO (MiniMax-M1, arXiv 2506.13585, section 3.1) with the clipped IS weight a constant:
         ℓ_t = -sg(w_t) · Â_t · log π(y_t) · m_t / N    =>    ∂L/∂log π(y_t) = -w_t · Â_t · m_t / N.
     For each chunk [start, end) the logits are computed once, ``coef_fn`` is called, and G = ∂L/∂logits
     (see module docstring) gives grad_hidden[start:end] = G W and the chunk's share of grad_W, grad_b.
@@ -372,7 +373,7 @@ def make_cispo_coef_fn(
     epsilon_high: float,
     normalizer: float,
 ) -> CoefFn:
-    """``coef_fn`` for the CISPO loss (MiniMax-M1 eq. 4, swift's convention), over flattened tokens.
+    """``coef_fn`` for the CISPO loss (MiniMax-M1 section 3.1, in swift's convention), over flattened tokens.
 
         w_t = min(exp(log π_t - old_t), epsilon_high)           # epsilon_high is an ABSOLUTE cap, not 1 + ε
         L   = Σ_t -sg(w_t) · Â_t · log π_t · m_t / normalizer
@@ -382,7 +383,7 @@ def make_cispo_coef_fn(
         old_logps: [N] log-probs of the behaviour policy (π_old).
         advantages: [N] per-token advantages Â.
         mask: [N] 0/1 (or float weights) completion mask.
-        epsilon_high: absolute cap on the IS ratio (swift/TRL convention; ScaleRL uses 4-8).
+        epsilon_high: absolute cap on the IS ratio (swift/TRL convention, not 1 + ε; ScaleRL tried 4, 5 and 8).
         normalizer: N in the loss, e.g. the number of completion tokens of the batch.
     """
 
