@@ -9,8 +9,9 @@ backward as well. Here the logits exist only for ``chunk_size`` tokens at a time
   Four matmuls over [N, H] x [H, V]: forward, recompute, grad_hidden, grad_weight.
 - ``fused_linear_logp_loss``: for losses that are a per-token function of log π whose derivative is known
   once log π is known (CISPO: the clipped weight is sg(.), a constant). The gradients are formed inside the
-  forward chunk loop and only scaled in backward. Three matmuls: forward, grad_hidden, grad_weight
-  (two when the LM head is frozen, as with LoRA).
+  forward chunk loop and only scaled in backward. Three matmuls: forward, grad_hidden, grad_weight.
+
+With a frozen LM head (LoRA; weight.requires_grad False) the grad_weight matmul is skipped in both.
 
 Maths, per token t with hidden h_t [H], LM head W [V, H], bias b [V], temperature τ, target y_t:
 
@@ -83,16 +84,40 @@ def _head(weight, bias, cdt):
     return w, b
 
 
-def _chunk_softmax(h_c, w, b, t_c, temperature, want_entropy):
-    """Logits of one chunk and their softmax statistics, in float32.
+class _Workspace:
+    """Buffers reused by every chunk of one call: fresh [n, V] allocations cost page faults each time.
+
+    z [C, V] in the matmul dtype (logits, then G cast back for the grad matmuls); f [C, V] float32 for the
+    softmax statistics (the same buffer as z when the matmul dtype is float32 or wider); for a grad_W accumulated
+    in a wider dtype than the matmuls, a [VB, H] block pair that keeps the upcast in cache.
+    """
+
+    VOCAB_BLOCK = 16384
+
+    def __init__(self, rows, w, stat_dtype, widen_grad_w):
+        vocab, hid = w.shape
+        self.z = w.new_empty(rows, vocab)
+        self.f = self.z if self.z.dtype == stat_dtype else w.new_empty(rows, vocab, dtype=stat_dtype)
+        if widen_grad_w:
+            self.blk = w.new_empty(min(self.VOCAB_BLOCK, vocab), hid)
+            self.blk_wide = w.new_empty(min(self.VOCAB_BLOCK, vocab), hid, dtype=stat_dtype)
+
+
+def _chunk_softmax(h_c, w, b, t_c, temperature, want_entropy, ws):
+    """Logits of one chunk and their softmax statistics, in float32 (float64 for float64 inputs).
 
     h_c [n, H], w [V, H], b [V] | None, t_c [n] -> (e [n, V], s [n], logp [n], entropy [n] | None), where
-    e = exp(z - max z) with z = (h_c wᵀ + b) / τ, s = Σ_v e (so softmax = e / s); e is a fresh buffer the caller
-    may overwrite.
+    e = exp(z - max z) with z = (h_c wᵀ + b) / τ, s = Σ_v e (so softmax = e / s); e is a view of ws.f that the
+    caller may overwrite until the next chunk.
     """
-    z = torch.mm(h_c, w.T) if b is None else torch.addmm(b, h_c, w.T)
-    if z.dtype.itemsize < 4:  # bf16/fp16 logits: statistics in float32
-        z = z.float()
+    n = h_c.shape[0]
+    z = ws.z[:n]
+    if b is None:
+        torch.mm(h_c, w.T, out=z)
+    else:
+        torch.addmm(b, h_c, w.T, out=z)
+    if ws.f is not ws.z:  # bf16/fp16 logits: statistics in float32
+        z = ws.f[:n].copy_(z)
     if temperature != 1.0:
         z.div_(temperature)  # same op as swift's logits.div_(temperature)
     m = z.amax(dim=1, keepdim=True)
@@ -116,18 +141,26 @@ def _grad_logits_(e, s, t_c, coef):
     return e
 
 
-def _accumulate_grads(g, h_c, w, grad_hidden, grad_w, grad_b, start, end):
+def _accumulate_grads(g, h_c, w, grad_hidden, grad_w, grad_b, start, end, ws):
     """G [n, V] float32 -> grad_hidden[start:end] = G w; grad_w += Gᵀ h_c; grad_b += Σ G (each if not None)."""
     if grad_b is not None:
         grad_b.add_(g.sum(dim=0))
-    g = g.to(w.dtype)
+    n = g.shape[0]
+    if ws.f is not ws.z:
+        g = ws.z[:n].copy_(g)  # G in the matmul dtype (what autograd would feed the matmuls)
     if grad_hidden is not None:
         grad_hidden[start:end] = torch.mm(g, w)
-    if grad_w is not None:
-        if grad_w.dtype == g.dtype:
-            grad_w.addmm_(g.T, h_c)
-        else:  # bf16 product per chunk, summed over chunks in float32
-            grad_w.add_(torch.mm(g.T, h_c))
+    if grad_w is None:
+        return
+    if grad_w.dtype == g.dtype:
+        grad_w.addmm_(g.T, h_c)
+        return
+    # bf16 matmul per vocab block, summed over chunks in float32; blocks keep the upcast in cache
+    vb = ws.blk.shape[0]
+    for v0 in range(0, grad_w.shape[0], vb):
+        v1 = min(v0 + vb, grad_w.shape[0])
+        blk = torch.mm(g[:, v0:v1].T, h_c, out=ws.blk[: v1 - v0])
+        grad_w[v0:v1].add_(ws.blk_wide[: v1 - v0].copy_(blk))
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
@@ -136,17 +169,18 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         n_tok = hidden.shape[0]
         cdt = _compute_dtype(hidden, weight, fp32_head)
         w, b = _head(weight, bias, cdt)
+        ws = _Workspace(min(chunk_size, n_tok), w, _stat_dtype(cdt), widen_grad_w=False)
         logps = hidden.new_empty(n_tok, dtype=_stat_dtype(cdt))
         entropy = hidden.new_empty(n_tok, dtype=_stat_dtype(cdt)) if compute_entropy else None
         for start in range(0, n_tok, chunk_size):
             end = min(start + chunk_size, n_tok)
-            _, _, logp, ent = _chunk_softmax(
-                hidden[start:end].to(cdt), w, b, target[start:end], temperature, compute_entropy
-            )
+            logp, ent = _chunk_softmax(
+                hidden[start:end].to(cdt), w, b, target[start:end], temperature, compute_entropy, ws
+            )[2:]
             logps[start:end] = logp
             if entropy is not None:
                 entropy[start:end] = ent
-        del w, b
+        del w, b, ws
         ctx.save_for_backward(hidden, weight, bias, target)
         ctx.temperature, ctx.chunk_size, ctx.fp32_head = temperature, chunk_size, fp32_head
         if entropy is not None:
@@ -167,12 +201,16 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=_stat_dtype(cdt), device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=_stat_dtype(cdt), device=bias.device) if need_b else None
         grad_logps = grad_logps.to(_stat_dtype(cdt))
+        ws = _Workspace(
+            min(ctx.chunk_size, n_tok), w, _stat_dtype(cdt), widen_grad_w=need_w and w.dtype != grad_w.dtype
+        )
         for start in range(0, n_tok, ctx.chunk_size):
             end = min(start + ctx.chunk_size, n_tok)
             h_c, t_c = hidden[start:end].to(cdt), target[start:end]
-            e, s, _, _ = _chunk_softmax(h_c, w, b, t_c, ctx.temperature, False)
+            e, s, _, _ = _chunk_softmax(h_c, w, b, t_c, ctx.temperature, False, ws)
             g = _grad_logits_(e, s, t_c, grad_logps[start:end] / ctx.temperature)
-            _accumulate_grads(g, h_c, w, grad_hidden, grad_w, grad_b, start, end)
+            _accumulate_grads(g, h_c, w, grad_hidden, grad_w, grad_b, start, end, ws)
+        del ws
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
         return (grad_hidden, grad_w, grad_b) + (None,) * 5  # target, temperature, chunk_size, fp32_head, entropy
@@ -201,7 +239,10 @@ def chunked_token_logps(
         bias: [V] LM head bias, or None.
         target: [N] int64 token ids.
         temperature: τ > 0; logits are divided by it (as swift does with its sampling temperature).
-        chunk_size: tokens per chunk; peak extra memory ≈ chunk_size · V · (4 + input itemsize) bytes.
+        chunk_size: tokens per chunk. Working memory: a [chunk_size, V] buffer in float32, plus one in the
+            matmul dtype when that is bf16/fp16 (so chunk_size · V · 4 or · 6 bytes), and in backward the
+            float32 grad_W accumulator [V, H]. Larger chunks amortise the per-chunk grad_W accumulation
+            (a pass over [V, H]), which matters most with bf16 matmuls.
         fp32_head: do the matmuls in float32 even for bf16/fp16 inputs (MiniMax-M1's FP32 LM head).
         compute_entropy: also return the per-token entropy of softmax(z) (nats), detached.
 
@@ -230,10 +271,11 @@ class _FusedLinearLogpLoss(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=_stat_dtype(cdt), device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=_stat_dtype(cdt), device=bias.device) if need_b else None
+        ws = _Workspace(min(chunk_size, n_tok), w, _stat_dtype(cdt), widen_grad_w=need_w and w.dtype != grad_w.dtype)
         for start in range(0, n_tok, chunk_size):
             end = min(start + chunk_size, n_tok)
             h_c, t_c = hidden[start:end].to(cdt), target[start:end]
-            e, s, logp, ent = _chunk_softmax(h_c, w, b, t_c, temperature, compute_entropy)
+            e, s, logp, ent = _chunk_softmax(h_c, w, b, t_c, temperature, compute_entropy, ws)
             logps[start:end] = logp
             if entropy is not None:
                 entropy[start:end] = ent
@@ -246,8 +288,8 @@ class _FusedLinearLogpLoss(torch.autograd.Function):
             loss += loss_c.to(loss.dtype)
             if need_h or need_w or need_b:
                 g = _grad_logits_(e, s, t_c, dlogp.to(e.dtype) / temperature)
-                _accumulate_grads(g, h_c, w, grad_hidden, grad_w, grad_b, start, end)
-        del w, b
+                _accumulate_grads(g, h_c, w, grad_hidden, grad_w, grad_b, start, end, ws)
+        del w, b, ws
         # Stored in the parameters' dtypes; backward only scales them by grad_output.
         ctx.grads = [
             grad_hidden,
@@ -285,7 +327,7 @@ def fused_linear_logp_loss(
     """Loss L = Σ_chunks loss_chunk(log π) through the LM head, with gradients formed in the forward (3 matmuls).
 
     For a loss that is a per-token function of log π(y_t) whose derivative is known once log π is known, e.g.
-    CISPO (MiniMax-M1, arXiv 2506.13585, eq. 4) with the clipped IS weight a constant:
+    CISPO (MiniMax-M1, arXiv 2506.13585, section 3.1) with the clipped IS weight a constant:
         ℓ_t = -sg(w_t) · Â_t · log π(y_t) · m_t / N    =>    ∂L/∂log π(y_t) = -w_t · Â_t · m_t / N.
     For each chunk [start, end) the logits are computed once, ``coef_fn`` is called, and G = ∂L/∂logits
     (see module docstring) gives grad_hidden[start:end] = G W and the chunk's share of grad_W, grad_b.
@@ -304,8 +346,9 @@ def fused_linear_logp_loss(
         logps: [N] float32, detached.
         entropy: [N] float32, detached, or None.
 
-    Memory: besides the chunk buffers, grad_hidden [N, H] and grad_W [V, H] are held from forward to backward
-    (grad_W in float32 during the loop). Under ``torch.no_grad()`` no gradient is formed.
+    Memory: the chunk buffers as in ``chunked_token_logps``; grad_W [V, H] is accumulated in float32 during the
+    loop, and grad_hidden [N, H] and grad_W (in the parameters' dtypes) are held from forward to backward.
+    Under ``torch.no_grad()`` no gradient is formed.
     """
     _check_inputs(hidden, weight, bias, target, temperature, chunk_size)
     return _FusedLinearLogpLoss.apply(
@@ -330,7 +373,7 @@ def make_cispo_coef_fn(
     epsilon_high: float,
     normalizer: float,
 ) -> CoefFn:
-    """``coef_fn`` for the CISPO loss (MiniMax-M1 eq. 4, swift's convention), over flattened tokens.
+    """``coef_fn`` for the CISPO loss (MiniMax-M1 section 3.1, in swift's convention), over flattened tokens.
 
         w_t = min(exp(log π_t - old_t), epsilon_high)           # epsilon_high is an ABSOLUTE cap, not 1 + ε
         L   = Σ_t -sg(w_t) · Â_t · log π_t · m_t / normalizer
@@ -340,7 +383,7 @@ def make_cispo_coef_fn(
         old_logps: [N] log-probs of the behaviour policy (π_old).
         advantages: [N] per-token advantages Â.
         mask: [N] 0/1 (or float weights) completion mask.
-        epsilon_high: absolute cap on the IS ratio (swift/TRL convention; ScaleRL uses 4-8).
+        epsilon_high: absolute cap on the IS ratio (swift/TRL convention, not 1 + ε; ScaleRL tried 4, 5 and 8).
         normalizer: N in the loss, e.g. the number of completion tokens of the batch.
     """
 
