@@ -128,3 +128,25 @@ def swift_loss(trainer, batch):
 
 def our_loss(trainer, batch):
     return trainer._compute_loss_and_metrics(None, {}, batch)
+
+
+def tiny_qwen2(vocab=97, layers=2, tied=False, lora=False, seed=0):
+    """A small randomly initialised Qwen2ForCausalLM (optionally LoRA-wrapped on q/v), deterministic in `seed`."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+    )
+    model = Qwen2ForCausalLM(cfg)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=['q_proj', 'v_proj'], init_lora_weights=False))
+    return model

@@ -5,9 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from stubs import SingleProcessAccelerator, make_trainer
+from stubs import SingleProcessAccelerator, make_trainer, tiny_qwen2
 from swift.rlhf_trainers import GRPOTrainer
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from cispo_swift.config import CISPOConfig
 
@@ -18,22 +17,7 @@ class _Unwrap(SingleProcessAccelerator):
 
 
 def _model(tied=False, lora=False):
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-    )
-    model = Qwen2ForCausalLM(cfg)
-    if lora:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=4, target_modules=['q_proj', 'v_proj'], init_lora_weights=False))
-    return model
+    return tiny_qwen2(tied=tied, lora=lora)
 
 
 def _trainer(model, chunk=5, temperature=0.7):

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from stubs import attach_logps, make_batch, make_trainer, our_loss
+from stubs import attach_logps, make_batch, make_trainer, our_loss, tiny_qwen2
 
 from cispo_swift.config import CISPOConfig
 
@@ -161,21 +161,9 @@ def test_chunked_path_gives_the_unchunked_loss_and_gradient():
 
 
 def test_fp32_lm_head_computes_logits_in_float32():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     from cispo_swift.trainer import _fp32_lm_head
 
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=False,
-    )
-    model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    model = tiny_qwen2(vocab=50, layers=1).to(torch.bfloat16)
     ids = torch.randint(0, 50, (2, 5))
     hidden = model.model(input_ids=ids).last_hidden_state
     assert model(input_ids=ids).logits.dtype == torch.bfloat16
