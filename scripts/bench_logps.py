@@ -15,8 +15,9 @@ allocates, including the weight's .grad [V, H] (the same for all methods). A mem
 (setrlimit RLIMIT_AS) makes an over-budget run fail with an allocation error that is reported (with the phase
 it happened in) instead of taking the machine down. Time = median wall-clock over --repeats after --warmup.
 
-    PYTHONPATH=. python scripts/bench_logps.py                        # defaults: 1024,4096,16384 tokens, fp32
-    PYTHONPATH=. python scripts/bench_logps.py --sizes 4096 --chunk-size 256,512,1024,2048 --methods chunked,fused
+    python scripts/bench_logps.py                    # fp32, 1024,4096,8192,16384 tokens, default chunk size
+    python scripts/bench_logps.py --dtype bfloat16 --chunk-size 512,1024,2048 --json out.json
+    python scripts/bench_logps.py --sizes 4096 --methods chunked,fused --dtype bfloat16 --fp32-head
 """
 
 import argparse
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import time
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # workers import cispo_swift from here
 V_QWEN25, H_QWEN25_05B = 151_936, 896
 EPS_HIGH = 5.0  # absolute cap on the IS ratio (ScaleRL's value); swift's convention min(r, ε_high)
 SEED = 0
@@ -227,8 +229,7 @@ def run_one(args, method, n, chunk):
     cmd = [sys.executable, os.path.abspath(__file__), '--worker'] + [x for k, v in opts.items() for x in (k, str(v))]
     cmd += ['--fp32-head'] if args.fp32_head else []
     env = dict(os.environ)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env['PYTHONPATH'] = repo + (os.pathsep + env['PYTHONPATH'] if env.get('PYTHONPATH') else '')
+    env['PYTHONPATH'] = REPO + (os.pathsep + env['PYTHONPATH'] if env.get('PYTHONPATH') else '')
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith('{')]
     if p.returncode == 0 and lines:
@@ -265,8 +266,12 @@ def conditions(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--sizes', default='1024,4096,16384', help='completion tokens per step, comma-separated')
-    p.add_argument('--chunk-size', default='1024', help='chunk size(s) for chunked/fused, comma-separated')
+    p.add_argument('--sizes', default='1024,4096,8192,16384', help='completion tokens per step, comma-separated')
+    p.add_argument(
+        '--chunk-size',
+        default=None,
+        help='chunk size(s) for chunked/fused, comma-separated (default: the module default)',
+    )
     p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
     p.add_argument('--fp32-head', action='store_true', help='fp32 matmul in chunked/fused (bf16 inputs)')
     p.add_argument('--repeats', type=int, default=3)
@@ -296,6 +301,11 @@ def main():
 
     if args.mem_limit_gib is None:
         args.mem_limit_gib = max(_meminfo_kib('MemAvailable') / 2**20 - 1.0, 1.0)
+    if args.chunk_size is None:
+        sys.path.insert(0, REPO)
+        from cispo_swift.fused import DEFAULT_CHUNK_SIZE
+
+        args.chunk_size = str(DEFAULT_CHUNK_SIZE)
     sizes = [int(s) for s in args.sizes.split(',')]
     chunks = [int(c) for c in args.chunk_size.split(',')]
     methods = args.methods.split(',')
