@@ -39,6 +39,8 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from cispo_swift.loss import importance_weight
+
 __all__ = ['chunked_token_logps', 'fused_linear_logp_loss', 'make_cispo_coef_fn']
 
 # 512 tokens: [512, V] float32 is 297 MiB for Qwen2.5's V = 151,936. Measured with scripts/bench_logps.py (shared
@@ -392,7 +394,7 @@ def make_cispo_coef_fn(
 
     def coef_fn(logp, start, end):
         old, adv, m = (x[start:end].to(logp.dtype) for x in (old_logps, advantages, mask))
-        w = torch.exp(logp - old).clamp(max=epsilon_high)  # sg(min(r, ε_high)): logp carries no grad here
+        w = importance_weight(logp - old, None, epsilon_high)  # sg(min(r, ε_high)), the weight loss.py defines
         dlogp = -w * adv * m / normalizer
         return (dlogp * logp).sum(), dlogp
 
