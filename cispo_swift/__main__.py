@@ -10,7 +10,7 @@ import sys
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ('plot', 'summary'):
-        from cispo_swift import plot
+        from cispo_swift.demo import plot
 
         return plot.main(argv[1:]) if argv[0] == 'plot' else plot.summary_main(argv[1:])
     parser = argparse.ArgumentParser(prog='python -m cispo_swift', description=__doc__)
@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     here = os.path.dirname(os.path.abspath(__file__))
     if args.command == 'plugin-path':
-        print(os.path.join(here, 'tasks.py' if args.tasks else 'plugin.py'))
+        print(os.path.join(here, 'demo', 'reward_plugin.py') if args.tasks else os.path.join(here, 'plugin.py'))
     elif args.command == 'options':
         from cispo_swift.config import options_table
 

@@ -4,15 +4,7 @@ swift imports this file by path (under a hashed module name) in every process, b
 up, so imports here are absolute. `python -m cispo_swift plugin-path` prints this file's path.
 """
 
-import os
-import sys
+from cispo_swift.registry import detach_plugin_dir, register
 
-_here = os.path.dirname(os.path.abspath(__file__))
-# swift puts the plugin's directory first on sys.path; our module names (config, loss, trainer...) would then
-# shadow top-level modules of the same name for the rest of the run.
-while _here in sys.path:
-    sys.path.remove(_here)
-
-from cispo_swift.registry import register  # noqa: E402
-
+detach_plugin_dir(__file__)
 register()

@@ -1,7 +1,7 @@
 # CISPO (Clipped Importance Sampling Policy Optimization), MiniMax-M1: https://arxiv.org/abs/2506.13585
-# Tiny CPU run: a 2-layer Qwen2 built in code learns the synthetic `letter` task (cispo_swift/tasks.py);
+# Tiny CPU run: a 2-layer Qwen2 built in code learns the synthetic `letter` task (cispo_swift/demo/tasks.py);
 # the reward goes from about 0.1 to about 1.0 in 200 steps (under a minute of training on 2 cores).
-# Build the model and data first:  python -m cispo_swift.tiny --out runs/tiny
+# Build the model and data first:  python -m cispo_swift.demo.tiny --out runs/tiny
 # --epsilon_high is swift's absolute cap on the IS weight (w = min(r, 5.0)), not 1 + eps.
 # --num_iterations 2 reuses each generation batch for a second step, so the ratio r is not identically 1.
 # cispo_tiny_letter_exact has weight 0: logged as rewards/TinyLetterExact/mean (an accuracy), not trained on.

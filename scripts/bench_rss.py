@@ -31,7 +31,7 @@ def run(label, tiny, length, batch, out, fused):
     import cispo_swift
 
     package = Path(cispo_swift.__file__).resolve().parent
-    plugins = [str(package / 'tasks.py')] + ([str(package / 'plugin.py')] if fused else [])
+    plugins = [str(package / 'demo' / 'reward_plugin.py')] + ([str(package / 'plugin.py')] if fused else [])
     swift = str(Path(sys.executable).parent / 'swift')
     cmd = [
         swift, 'rlhf', '--rlhf_type', 'grpo', '--model', tiny['model'], '--model_type', 'qwen2', '--template', 'qwen',
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from cispo_swift.tiny import TinyConfig, build
+    from cispo_swift.demo.tiny import TinyConfig, build
 
     tiny = build(str(out / 'tiny'), TinyConfig(vocab_size=151936), n_rows=64)
     print(

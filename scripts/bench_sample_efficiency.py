@@ -5,8 +5,8 @@ generation batch is reused for many off-policy updates (16 there). The mechanism
 advantage leaves PPO's trust region (r > 1 + ε) on the first off-policy update, and clipping then gives it no
 gradient for the remaining updates on that batch; CISPO keeps its gradient with a capped, detached weight.
 
-This script tests that mechanism at toy scale on CPU: the tiny Qwen2 of `cispo_swift.tiny` on the `rare` task of
-`cispo_swift/tasks.py` (the reward counts a letter whose tokens the random initial policy rarely samples), trained
+This script tests that mechanism at toy scale on CPU: the tiny Qwen2 of `cispo_swift.demo.tiny` on the `rare` task of
+`cispo_swift/demo/tasks.py` (the reward counts a letter whose tokens the random initial policy rarely samples), trained
 through swift's real GRPO trainer (`swift rlhf`) with --num_iterations 8, once per loss and seed.
 
     PYTHONPATH=. python scripts/bench_sample_efficiency.py [--out runs/bench_sample_efficiency] [--launch inprocess]
@@ -33,10 +33,10 @@ from typing import Dict, List, Optional, Sequence
 # ---- fixed before the benchmark was run. Pilot: seed 1000 (not in SEEDS), 48 steps, all three losses, to check
 # that runs finish, in-process runs log the same losses as `swift rlhf` subprocesses, and the time per run. ----
 
-# Task: `rare` (cispo_swift/tasks.py): "Write the letter z 8 times.", reward min(#z, 8) / 8. `z` lies in 5 of the 600
-# tokens; the initial policy puts ≈0.85% of its mass on them per position (printed by the script), its mean reward is
-# ≈0.025 and about 1 completion in 10 has any z. The reward needs those rare tokens pushed up about 100-fold: the
-# regime where clipping the ratio of positively rewarded rare tokens decides how much each batch teaches.
+# Task: `rare` (cispo_swift/demo/tasks.py): "Write the letter z 8 times.", reward min(#z, 8) / 8. `z` lies in 5 of
+# the 600 tokens; the initial policy puts ≈0.85% of its mass on them per position (printed by the script), its mean
+# reward is ≈0.025 and about 1 completion in 10 has any z. The reward needs those rare tokens pushed up about 100-fold:
+# the regime where clipping the ratio of positively rewarded rare tokens decides how much each batch teaches.
 TASK = 'rare'
 TASK_ROWS = 512
 MODEL_SEED = 0  # one initial policy for all runs: the seeds vary sampling and data order, not the initial model
@@ -90,7 +90,7 @@ OFFLINE_ENV = {
 
 def swift_flags(loss: str, seed: int, paths: Dict[str, str], output_dir: Path, max_steps: int) -> List[str]:
     """The `swift rlhf` arguments of one run."""
-    plugins = [str(ROOT / 'cispo_swift' / 'tasks.py')]
+    plugins = [str(ROOT / 'cispo_swift' / 'demo' / 'reward_plugin.py')]
     if loss in PLUGIN_LOSSES:
         plugins.insert(0, str(ROOT / 'cispo_swift' / 'plugin.py'))
     return [
@@ -203,7 +203,7 @@ class SubprocessRunner:
 
 def read_log(output_dir: Path) -> List[Dict]:
     """swift's logging.jsonl rows that belong to a step (the end-of-training summary row is dropped)."""
-    from cispo_swift.plot import load_log
+    from cispo_swift.demo.plot import load_log
 
     return load_log(str(output_dir))
 
@@ -404,7 +404,7 @@ def initial_policy_stats(model_dir: str, rows: Sequence[Dict], n: int = 256) -> 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cispo_swift.tasks import rare_count_reward
+    from cispo_swift.demo.tasks import rare_count_reward
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -471,7 +471,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
-    from cispo_swift.tiny import TinyConfig, build
+    from cispo_swift.demo.tiny import TinyConfig, build
 
     paths = build(str(out / 'tiny'), TinyConfig(seed=MODEL_SEED), task=TASK, n_rows=TASK_ROWS)
     rows = [json.loads(line) for line in Path(paths['train']).read_text().splitlines()]

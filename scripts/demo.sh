@@ -15,7 +15,7 @@ export MODELSCOPE_OFFLINE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 DEMO=${DEMO_DIR:-$ROOT/runs/demo}
 
 t0=$SECONDS
-python -m cispo_swift.tiny --out "$DEMO" > /dev/null
+python -m cispo_swift.demo.tiny --out "$DEMO" > /dev/null
 echo "tiny model and data in $DEMO ($((SECONDS - t0)) s)"
 
 t0=$SECONDS

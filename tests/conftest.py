@@ -11,6 +11,6 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 @pytest.fixture(scope='session')
 def tiny(tmp_path_factory):
     """The tiny CPU model and the demo task's data, built once per session: {'model': dir, 'train': jsonl}."""
-    from cispo_swift.tiny import build
+    from cispo_swift.demo.tiny import build
 
     return build(str(tmp_path_factory.mktemp('tiny')))

@@ -14,7 +14,7 @@ import cispo_swift
 
 PACKAGE_DIR = Path(cispo_swift.__file__).resolve().parent
 PLUGIN = str(PACKAGE_DIR / 'plugin.py')
-TASKS = str(PACKAGE_DIR / 'tasks.py')
+TASKS = str(PACKAGE_DIR / 'demo' / 'reward_plugin.py')
 SWIFT = str(Path(sys.executable).parent / 'swift')
 ROW_SAMPLING_PLUGIN = str(Path(__file__).resolve().parent / 'row_sampling_plugin.py')
 

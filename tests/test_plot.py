@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cispo_swift import plot
+from cispo_swift.demo import plot
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 REWARDS = [0.1, 0.2, 0.3, 0.5, 0.7, 0.9]  # logged on odd steps only, as with --num_iterations 2

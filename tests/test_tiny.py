@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cispo_swift import tasks
-from cispo_swift.tiny import CHAT_TEMPLATE, TinyConfig, build, main
+from cispo_swift.demo import reward_plugin, tasks
+from cispo_swift.demo.tiny import CHAT_TEMPLATE, TinyConfig, build, main
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFLINE = {'MODELSCOPE_OFFLINE': '1', 'HF_HUB_OFFLINE': '1'}
@@ -153,8 +153,8 @@ def test_dataset_is_deterministic_and_well_formed(built):
 def test_letter_reward_values():
     completions = ['aaaa', ' a a a', 'a a b', 'ab', 'xyz', '', '  \n', 'Aa', 'bbb']
     letter = ['a'] * 8 + ['b']
-    assert tasks.TinyLetter()(completions, letter=letter) == [1.0, 1.0, 2 / 3, 0.5, 0.0, 0.0, 0.0, 0.5, 1.0]
-    assert tasks.TinyLetterExact()(completions, letter=letter) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    assert reward_plugin.TinyLetter()(completions, letter=letter) == [1.0, 1.0, 2 / 3, 0.5, 0.0, 0.0, 0.0, 0.5, 1.0]
+    assert reward_plugin.TinyLetterExact()(completions, letter=letter) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
 
 
 def test_rare_count_reward_values():
@@ -162,7 +162,7 @@ def test_rare_count_reward_values():
     letter = ['z'] * 10 + ['q']
     count = [8] * 10 + [2]
     expected = [0.0, 0.0, 1 / 8, 2 / 8, 4 / 8, 7 / 8, 1.0, 1.0, 1 / 8, 6 / 8, 0.0]
-    assert tasks.RareCount()(completions, letter=letter, count=count) == expected
+    assert reward_plugin.RareCount()(completions, letter=letter, count=count) == expected
     # Other characters cost nothing; only the capped count of the letter matters.
     assert tasks.rare_count_reward('zz' + 'x' * 50, 'z', 4) == tasks.rare_count_reward('zz', 'z', 4) == 0.5
     assert tasks.rare_count_reward('zzz', 'z', 1) == 1.0
@@ -172,9 +172,9 @@ def test_rare_count_reward_values():
 
 def test_rare_count_needs_its_columns():
     with pytest.raises(ValueError, match='"letter" and "count" columns'):
-        tasks.RareCount()(['z'], letter=['z'])
+        reward_plugin.RareCount()(['z'], letter=['z'])
     with pytest.raises(ValueError, match='"letter" and "count" columns'):
-        tasks.RareCount()(['z'], count=[8])
+        reward_plugin.RareCount()(['z'], count=[8])
 
 
 def test_rare_rows():
@@ -211,7 +211,7 @@ def test_build_writes_the_rare_task(tmp_path):
 
 
 def test_rewards_need_the_letter_column():
-    for orm in (tasks.TinyLetter(), tasks.TinyLetterExact()):
+    for orm in (reward_plugin.TinyLetter(), reward_plugin.TinyLetterExact()):
         with pytest.raises(ValueError, match='"letter" column'):
             orm(['a'], solution=['a'])
 
@@ -222,16 +222,16 @@ def test_plugin_file_registers_rewards_and_leaves_sys_path_alone(monkeypatch):
 
     # Imported the way swift imports --external_plugins: by path, under a hashed module name, after putting the
     # file's directory first on sys.path. Put the registry and sys.path back afterwards.
-    for name in tasks.ORMS:
+    for name in reward_plugin.ORMS:
         monkeypatch.setitem(orms, name, None)
     monkeypatch.setattr(sys, 'path', list(sys.path))
-    module = import_external_file(str(ROOT / 'cispo_swift' / 'tasks.py'))
+    module = import_external_file(str(ROOT / 'cispo_swift' / 'demo' / 'reward_plugin.py'))
     monkeypatch.delitem(sys.modules, module.__name__)
-    assert module.__name__ != 'cispo_swift.tasks'
+    assert module.__name__ != 'cispo_swift.demo.reward_plugin'
     assert orms['cispo_tiny_letter'] is module.TinyLetter
     assert orms['cispo_tiny_letter_exact'] is module.TinyLetterExact
     assert orms['cispo_rare_count'] is module.RareCount
-    assert str(ROOT / 'cispo_swift') not in sys.path
+    assert str(ROOT / 'cispo_swift' / 'demo') not in sys.path
 
 
 # --- the example run (slow) ----------------------------------------------------------------------------------------
@@ -241,7 +241,7 @@ def test_plugin_file_registers_rewards_and_leaves_sys_path_alone(monkeypatch):
 @pytest.mark.parametrize('loss', ['builtin', 'plugin'])
 def test_example_raises_the_reward(loss, tmp_path):
     """examples/tiny_cpu.sh as shipped (200 steps, about 40 s): the letter reward climbs from near 0.1."""
-    from cispo_swift.plot import summarize_run
+    from cispo_swift.demo.plot import summarize_run
 
     if loss == 'plugin' and not (ROOT / 'cispo_swift' / 'plugin.py').is_file():
         pytest.skip('cispo_swift/plugin.py is not in this tree')
@@ -255,7 +255,7 @@ def test_example_raises_the_reward(loss, tmp_path):
         'MODEL_DIR': paths['model'],
         'DATA': paths['train'],
         'OUTPUT_DIR': str(tmp_path / 'out'),
-        'TASKS_PLUGIN': str(ROOT / 'cispo_swift' / 'tasks.py'),
+        'TASKS_PLUGIN': str(ROOT / 'cispo_swift' / 'demo' / 'reward_plugin.py'),
         'PLUGIN': 'none' if loss == 'builtin' else str(ROOT / 'cispo_swift' / 'plugin.py'),
     }
     proc = subprocess.run(['bash', str(ROOT / 'examples' / 'tiny_cpu.sh')], env=env, capture_output=True, text=True)

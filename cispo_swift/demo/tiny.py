@@ -1,6 +1,6 @@
 """Build a tiny Qwen2-architecture model and a synthetic data set, entirely in code (no hub access).
 
-    python -m cispo_swift.tiny --out DIR [--vocab-size N] [--seed S] [--hidden-size H] [--num-layers L] ...
+    python -m cispo_swift.demo.tiny --out DIR [--vocab-size N] [--seed S] [--hidden-size H] [--num-layers L] ...
 
 writes
 
@@ -26,7 +26,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional
 
-from cispo_swift.tasks import TASKS
+from cispo_swift.demo.tasks import TASKS
 
 SPECIAL_TOKENS = ['<|endoftext|>', '<|im_start|>', '<|im_end|>']
 DEFAULT_SYSTEM = 'You are a helpful assistant.'  # swift's `qwen` template default system prompt
@@ -63,7 +63,7 @@ def tokenizer_corpus() -> List[str]:
     No general word list: short words such as ``at`` become tokens that earn the letter reward half-way,
     and the demo policy then settles on them instead of the letter.
     """
-    from cispo_swift.tasks import LETTER_PROMPTS
+    from cispo_swift.demo.tasks import LETTER_PROMPTS
 
     letters = 'abcdefghijklmnopqrstuvwxyz'
     corpus = [f'<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\n'] * 20
@@ -171,7 +171,7 @@ def build(out: str, cfg: TinyConfig = TinyConfig(), task: str = 'letter', n_rows
 
 def main(argv: Optional[List[str]] = None) -> int:
     d = TinyConfig()
-    p = argparse.ArgumentParser(prog='python -m cispo_swift.tiny', description=__doc__.split('\n')[0])
+    p = argparse.ArgumentParser(prog='python -m cispo_swift.demo.tiny', description=__doc__.split('\n')[0])
     p.add_argument('--out', required=True, help='output directory (gets model/ and data/train.jsonl)')
     p.add_argument('--vocab-size', type=int, default=d.vocab_size, help='model vocab rows (default: tokenizer size)')
     p.add_argument('--tokenizer-vocab', type=int, default=d.tokenizer_vocab, help='BPE vocabulary to train')

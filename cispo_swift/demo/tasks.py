@@ -1,8 +1,7 @@
-"""Synthetic tasks for the tiny CPU demo and their rewards, as ms-swift ORMs.
+"""Synthetic tasks for the tiny CPU demo and their rewards.
 
-This file is also an ``--external_plugins`` file: importing it registers the rewards in
-``swift.rewards.orms`` under the names below, so ``--reward_funcs cispo_tiny_letter`` works. swift loads
-plugin files with ``spec_from_file_location`` under a hashed module name, so imports here stay absolute.
+Plain Python, no swift import: the ORM wrappers that swift calls, and their registration, are in
+``cispo_swift/demo/reward_plugin.py`` (the ``--external_plugins`` file), under the names below.
 
 Task ``letter``: the user asks for one letter repeated (``Write the letter b again and again.``); the row
 carries that letter in the ``letter`` column. A randomly initialised model emits the letter now and then,
@@ -21,18 +20,8 @@ on the first off-policy update, after which clipping gives them no gradient).
     cispo_rare_count         min(occurrences of ``letter``, ``count``) / ``count``: partial credit per rare character
 """
 
-import os
 import random
-import sys
-from typing import Dict, List, Optional
-
-# swift puts a plugin file's directory first on sys.path; this package's module names (config, loss, trainer...)
-# would then shadow top-level modules of the same name for the rest of the run.
-_here = os.path.dirname(os.path.abspath(__file__))
-while _here in sys.path:
-    sys.path.remove(_here)
-
-from swift.rewards import ORM, orms  # noqa: E402
+from typing import Dict, List
 
 LETTER_PROMPTS = (
     'Write the letter {letter} again and again.',
@@ -108,42 +97,3 @@ def rare_rows(n: int, seed: int, letter: str = RARE_LETTER, count: int = RARE_CO
 
 
 TASKS = {'letter': letter_rows, 'rare': rare_rows}
-
-
-class TinyLetter(ORM):
-    """Partial credit: share of the completion's non-whitespace characters equal to the row's ``letter``."""
-
-    def __call__(self, completions: List[str], letter: Optional[List[str]] = None, **kwargs) -> List[float]:
-        if letter is None:
-            raise ValueError('cispo_tiny_letter needs a "letter" column in the dataset (see cispo_swift.tasks).')
-        return [letter_fraction(c, t) for c, t in zip(completions, letter)]
-
-
-class TinyLetterExact(ORM):
-    """1.0 when every non-whitespace character of the completion is the row's ``letter`` (at least one), else 0.0."""
-
-    def __call__(self, completions: List[str], letter: Optional[List[str]] = None, **kwargs) -> List[float]:
-        if letter is None:
-            raise ValueError('cispo_tiny_letter_exact needs a "letter" column in the dataset (see cispo_swift.tasks).')
-        return [letter_exact(c, t) for c, t in zip(completions, letter)]
-
-
-class RareCount(ORM):
-    """``min(occurrences of the row's letter, count) / count``, from the ``letter`` and ``count`` columns."""
-
-    def __call__(
-        self, completions: List[str], letter: Optional[List[str]] = None, count: Optional[List[int]] = None, **kwargs
-    ) -> List[float]:
-        if letter is None or count is None:
-            raise ValueError(
-                'cispo_rare_count needs "letter" and "count" columns in the dataset (see cispo_swift.tasks.rare_rows).'
-            )
-        return [rare_count_reward(c, t, int(k)) for c, t, k in zip(completions, letter, count)]
-
-
-ORMS = {
-    'cispo_tiny_letter': TinyLetter,
-    'cispo_tiny_letter_exact': TinyLetterExact,
-    'cispo_rare_count': RareCount,
-}
-orms.update(ORMS)
