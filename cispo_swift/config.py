@@ -2,7 +2,12 @@
 
 swift parses its command line before plugins load and rejects unknown flags, so options that swift does not
 have arrive as environment variables (swift's YAML configs set them in their `ENV:` block) or through
-`cispo_swift.configure(...)` for users who build `RLHFArguments` in code. swift's own flags keep their meaning:
+`cispo_swift.configure(...)` for users who build `RLHFArguments` in code.
+
+Start-up checks live here too (`check_run`): the plugin file runs them while swift parses its arguments, before
+any model loads, and the trainer runs them again at start for the Python API. One rule: a value that cannot work
+is refused (ValueError: what, why, what to do); a setting that has no effect in the chosen combination is
+logged as a warning. swift's own flags keep their meaning:
 `--epsilon_high` is the CISPO bound (the absolute cap by default), `--epsilon` the PPO reference of the
 zero-gradient metric.
 """
@@ -10,10 +15,11 @@ zero-gradient metric.
 from __future__ import annotations
 
 import dataclasses
-import json
+import difflib
+import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Set
 
 from cispo_swift.fused import DEFAULT_CHUNK_SIZE
 from cispo_swift.loss import CLIP_MODES, NORM_MODES
@@ -53,8 +59,12 @@ class CISPOConfig:
         'to put a trust region back when many off-policy updates per batch destabilise training (ROLL and '
         'Trinity-RFT offer the same mask).',
     )
-    mask_eps_low: float = _opt(0.2, 'ε_low of the unified mask (relative: drops Â < 0 tokens with r < 1 − ε).')
-    mask_eps_high: float = _opt(0.2, 'ε_high of the unified mask (relative: drops Â > 0 tokens with r > 1 + ε).')
+    mask_eps_low: float = _opt(
+        0.2, 'ε_low of the unified mask (relative: drops Â < 0 tokens with r < 1 − ε; 1 or more: none dropped).'
+    )
+    mask_eps_high: float = _opt(
+        0.2, 'ε_high of the unified mask (relative: drops Â > 0 tokens with r > 1 + ε; `inf`: none dropped).'
+    )
     anchor: str = _opt(
         'old',
         'Denominator of r. `old`: π_old recomputed by the trainer (the paper). `rollout`: the inference '
@@ -81,8 +91,8 @@ class CISPOConfig:
         False,
         "Compute the sampled tokens' log-probs from the last hidden states and the LM head in chunks of tokens, "
         'never holding the [B, T, V] logits (recomputed chunk by chunk in backward). For long completions and '
-        "large vocabularies; works on any device. Falls back to swift's path, with one log line, where not "
-        'supported (multimodal, sequence parallel, ZeRO-3, LoRA on lm_head, scaled/soft-capped logits).',
+        'large vocabularies; works on any device. Where not supported (multimodal, sequence parallel, ZeRO-3, LoRA '
+        "on lm_head, scaled/soft-capped logits) swift's path runs, with a warning saying why.",
     )
     fused_chunk_size: int = _opt(
         DEFAULT_CHUNK_SIZE,
@@ -91,8 +101,9 @@ class CISPOConfig:
     )
     check_finite: bool = _opt(
         True,
-        'Stop with an error naming the step, tensor, token count and sequences when a log-prob, anchor or '
-        'advantage of a completion token is NaN/inf, before the optimizer step (costs one sync per micro-batch).',
+        'Stop with an error naming the step, tensor, token count and sequences when a value that reaches the loss '
+        '(log-prob, anchor, advantage, reference log-prob, rollout IS weight, normalisation) is NaN/inf at a token '
+        'in the loss, before the optimizer step (costs one sync per micro-batch).',
     )
     allow_config_change: bool = _opt(
         False,
@@ -105,6 +116,7 @@ class CISPOConfig:
         self.validate()
 
     def validate(self) -> None:
+        """Refuse values that cannot work. Settings that merely have no effect are warned about by `check_run`."""
         for f in dataclasses.fields(self):
             choices = f.metadata.get('choices')
             value = getattr(self, f.name)
@@ -113,29 +125,23 @@ class CISPOConfig:
                     f'{_env_name(f.name)}={value!r} is not valid: it must be one of {", ".join(choices)}. '
                     f'{f.metadata["help"]}'
                 )
-        if self.eps_low is not None:
-            if self.clip_mode != 'relative':
-                raise ValueError(
-                    f'CISPO_EPS_LOW={self.eps_low} has no effect with CISPO_CLIP_MODE={self.clip_mode}: the lower '
-                    'bound exists only in `relative` mode. Unset CISPO_EPS_LOW or set CISPO_CLIP_MODE=relative.'
-                )
-            if not 0.0 <= self.eps_low <= 1.0:
-                raise ValueError(
-                    f'CISPO_EPS_LOW={self.eps_low} is out of range: the lower bound 1 − eps_low must lie in [0, 1], '
-                    'so eps_low must be in [0, 1]. Unset it for no lower bound (recommended).'
-                )
-        if self.fused_chunk_size < 1:
+        if self.eps_low is not None and not 0.0 <= self.eps_low <= 1.0:  # NaN fails too
+            raise ValueError(
+                f'CISPO_EPS_LOW={self.eps_low} is out of range: the lower bound 1 − eps_low must lie in [0, 1], '
+                'so eps_low must be in [0, 1]. Unset it for no lower bound (recommended).'
+            )
+        if not self.fused_chunk_size >= 1:
             raise ValueError(f'CISPO_FUSED_CHUNK_SIZE={self.fused_chunk_size} must be a positive number of tokens.')
         for name in ('mask_eps_low', 'mask_eps_high'):
             value = getattr(self, name)
-            if value < 0:
-                raise ValueError(f'{_env_name(name)}={value} must be ≥ 0: it is the width of the unified mask.')
+            if not value >= 0:  # NaN fails too
+                raise ValueError(
+                    f'{_env_name(name)}={value} must be a number ≥ 0 (inf: that side of the mask never drops a '
+                    'token): it is the width of the unified mask.'
+                )
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None, **overrides) -> CISPOConfig:
@@ -177,9 +183,12 @@ def _parse(env_name: str, raw: str, f: dataclasses.Field):
         if 'Optional' in kind and text.lower() in ('', 'none'):
             return None
         try:
-            return float(text)
+            value = float(text)
         except ValueError:
             raise ValueError(f'{env_name}={raw!r} is not a number. {f.metadata["help"]}') from None
+        if math.isnan(value):
+            raise ValueError(f'{env_name}={raw!r}: NaN is not a valid setting. {f.metadata["help"]}')
+        return value
     if 'int' in kind:
         try:
             return int(text)
@@ -220,3 +229,173 @@ def configure(config: Optional[CISPOConfig] = None, **kwargs) -> CISPOConfig:
 def current_config() -> CISPOConfig:
     """The options in force: those given to `configure`, else the environment."""
     return _configured if _configured is not None else CISPOConfig.from_env()
+
+
+def is_configured() -> bool:
+    """Whether CISPO options were given at all: by `configure(...)` or by a `CISPO_*` variable."""
+    return _configured is not None or any(k.startswith(ENV_PREFIX) for k in os.environ)
+
+
+# ---- start-up checks of a run -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What the options and swift's flags make of the CISPO weight: the bound `--epsilon_high` stands for in the
+    chosen convention, the (lower, upper) bounds of w, and a note when --epsilon_high was not given."""
+
+    eps_high: float
+    lower: Optional[float]
+    upper: Optional[float]
+    default_note: Optional[str] = None
+
+
+def resolve_weight(args, cfg: CISPOConfig) -> Resolved:
+    """The weight bounds from `--epsilon_high` and CISPO_CLIP_MODE / CISPO_EPS_LOW; refuses bounds that cannot
+    work (NaN, ≤ 0, an absolute cap below 1). `inf` means no cap."""
+    from cispo_swift.loss import clip_bounds
+
+    if args.epsilon_high is None:
+        # swift falls back to --epsilon here, i.e. every weight capped at 0.2.
+        eps_high = DEFAULT_WEIGHT_CAP if cfg.clip_mode == 'absolute' else DEFAULT_WEIGHT_CAP - 1.0
+        note = (
+            f'--epsilon_high not given: using {eps_high} (weight cap {DEFAULT_WEIGHT_CAP}, ScaleRL) instead of '
+            f"swift's fallback to --epsilon={args.epsilon}, which would cap every weight at {args.epsilon}"
+        )
+        return Resolved(eps_high, *clip_bounds(eps_high, cfg.eps_low, cfg.clip_mode), default_note=note)
+    eps_high = float(args.epsilon_high)
+    if not eps_high > 0:  # NaN fails too
+        raise ValueError(
+            f'--epsilon_high {eps_high} with --loss_type cispo: the bound must be a positive number (inf: no cap). '
+            'Use e.g. --epsilon_high 5.0 (ScaleRL), or leave it unset for that default.'
+        )
+    if cfg.clip_mode == 'absolute' and eps_high < 1.0:
+        raise ValueError(
+            f'--epsilon_high {eps_high} with --loss_type cispo caps the importance weight min(r, ε_high) '
+            f'at {eps_high} < 1: every on-policy token (r = 1) would be down-weighted to {eps_high}, '
+            'shrinking the whole loss. Use a cap ≥ 1, e.g. --epsilon_high 5.0 (ScaleRL). If you meant '
+            'the relative convention clip(r, ·, 1 + ε_high) (verl, MiniMax-M1 eq. 5), set CISPO_CLIP_MODE=relative.'
+        )
+    return Resolved(eps_high, *clip_bounds(eps_high, cfg.eps_low, cfg.clip_mode))
+
+
+def check_run(args, cfg: CISPOConfig) -> Resolved:
+    """Every check of a `--loss_type cispo` run that its arguments and the options allow, before any model loads.
+
+    `args` is swift's RLHFArguments (the plugin file, at argument parsing) or the trainer's GRPOConfig (trainer
+    start): both carry the flags read here. Refusals raise ValueError; settings without effect are warned about.
+    """
+    resolved = resolve_weight(args, cfg)
+    if getattr(args, 'use_liger_kernel', False):
+        raise ValueError(
+            '--use_liger_kernel with --loss_type cispo would bypass the cispo-swift loss (Liger computes its own '
+            "CISPO, with swift's cap semantics). Remove --use_liger_kernel (CISPO_FUSED_LOGPS=1 saves the memory).",
+        )
+    if cfg.anchor == 'rollout' and not args.use_vllm:
+        raise ValueError(
+            "CISPO_ANCHOR=rollout anchors the weight on the inference engine's log-probs, which swift collects only "
+            'when generating with vLLM (--use_vllm true). Use --use_vllm true, or CISPO_ANCHOR=old.'
+        )
+    if cfg.norm != 'token' and (getattr(args, 'sequence_parallel_size', 1) or 1) > 1:
+        raise ValueError(
+            f'CISPO_NORM={cfg.norm} needs every sequence of the generation batch on its rank; sequence parallelism '
+            'splits them. Use CISPO_NORM=token with --sequence_parallel_size > 1.'
+        )
+    level = args.importance_sampling_level
+    if level not in ('token', 'sequence', 'sequence_token'):
+        raise ValueError(
+            f'--importance_sampling_level {level!r} is not one of token, sequence, sequence_token (swift 4.6.0 '
+            "would fail on it inside the loss). CISPO uses `token` (the paper); the sequence levels use GSPO's ratio."
+        )
+    if level != 'token' and cfg.norm == 'token':
+        warn_once(
+            f'--importance_sampling_level {level} with CISPO_NORM=token: each sequence has one weight, and the '
+            'token-sum normalisation then weighs a sequence by its length. CISPO_NORM=sequence gives every sequence '
+            'the same weight (GSPO averages per sequence).'
+        )
+    for message in ineffective_settings(args, cfg):
+        warn_once(message)
+    return resolved
+
+
+def ineffective_settings(args, cfg: CISPOConfig) -> List[str]:
+    """Messages for settings that have no effect in this combination (the rule: warn, do not refuse)."""
+    default = CISPOConfig()
+    unused = []
+    if args.delta is not None:
+        unused.append(
+            f'--delta {args.delta} has no effect with --loss_type cispo: the two-sided clip of the ratio it bounds '
+            'does not exist in CISPO (the clipped weight is detached). It is ignored.'
+        )
+    if cfg.eps_low is not None and cfg.clip_mode != 'relative':
+        unused.append(
+            f'CISPO_EPS_LOW={cfg.eps_low} has no effect with CISPO_CLIP_MODE={cfg.clip_mode}: the lower bound exists '
+            'only in `relative` mode. Unset CISPO_EPS_LOW or set CISPO_CLIP_MODE=relative.'
+        )
+    for name in ('mask_eps_low', 'mask_eps_high'):
+        if not cfg.mask and getattr(cfg, name) != getattr(default, name):
+            unused.append(
+                f'{_env_name(name)}={getattr(cfg, name)} has no effect without CISPO_MASK=1 (the unified mask is off).'
+            )
+    if not cfg.fused_logps and cfg.fused_chunk_size != default.fused_chunk_size:
+        unused.append(f'CISPO_FUSED_CHUNK_SIZE={cfg.fused_chunk_size} has no effect without CISPO_FUSED_LOGPS=1.')
+    if cfg.allow_config_change and not getattr(args, 'resume_from_checkpoint', None):
+        unused.append('CISPO_ALLOW_CONFIG_CHANGE=1 has no effect without --resume_from_checkpoint.')
+    return unused
+
+
+def warn_unused_options(loss_type) -> None:
+    """CISPO options given for a run whose loss is not cispo: the plugin leaves such runs to swift, say so."""
+    if loss_type != 'cispo' and is_configured():
+        given = sorted(k for k in os.environ if k.startswith(ENV_PREFIX))
+        warn_once(
+            f'{", ".join(given) or "cispo_swift.configure(...)"} set, but --loss_type is {loss_type!r}: the CISPO '
+            "options apply only to --loss_type cispo, and this run uses swift's own loss unchanged."
+        )
+
+
+_warned: Set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """A warning in swift's log, once per process (the plugin file and the trainer run the same checks)."""
+    if message in _warned:
+        return
+    _warned.add(message)
+    from swift.utils import get_logger
+
+    get_logger().warning(f'cispo-swift: {message}')
+
+
+def check_launch(args) -> None:
+    """Refuse a multi-process launch that would train every process alone.
+
+    Without a GPU, swift's launcher starts a gloo process group, but transformers only trains data-parallel on CPU
+    with `--use_cpu true`; otherwise each process sees world size 1, trains on its own full batch (normalised by
+    its own token count) and all of them write the same output_dir.
+    """
+    import torch
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world = torch.distributed.get_world_size()
+    if world > 1 and args.world_size != world:
+        raise RuntimeError(
+            f'{world} processes were launched (NPROC_PER_NODE/torchrun), but the trainer runs with world size '
+            f'{args.world_size}: each process would train alone on its own batch and overwrite the '
+            "others' output. On a machine without GPUs add --use_cpu true (data parallel over gloo); "
+            'otherwise launch a single process.'
+        )
+
+
+def check_loss_type(loss_type) -> None:
+    """Refuse a `--loss_type` that looks like a misspelt `cispo`: the plugin takes over `--loss_type cispo` only,
+    so such a run would go to swift's code (which fails on an unknown loss type only inside the loss, after the
+    model has loaded) without the CISPO loss. Other loss types pass untouched."""
+    if not isinstance(loss_type, str) or loss_type == 'cispo':
+        return
+    if loss_type.strip().lower() == 'cispo' or difflib.get_close_matches(loss_type.lower(), ['cispo'], cutoff=0.75):
+        raise ValueError(
+            f"--loss_type {loss_type!r} is not 'cispo': cispo-swift only takes over --loss_type cispo, and swift "
+            'knows no such loss type. Use --loss_type cispo.'
+        )

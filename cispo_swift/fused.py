@@ -10,6 +10,7 @@ backward as well. Here the logits exist only for ``chunk_size`` tokens at a time
 - ``fused_linear_logp_loss``: for losses that are a per-token function of log π whose derivative is known
   once log π is known (CISPO: the clipped weight is sg(.), a constant). The gradients are formed inside the
   forward chunk loop and only scaled in backward. Three matmuls: forward, grad_hidden, grad_weight.
+  ``autograd_coef_fn`` turns such a loss, written for one chunk of tokens, into the ``coef_fn`` it takes.
 
 With a frozen LM head (LoRA; weight.requires_grad False) the grad_weight matmul is skipped in both.
 
@@ -39,9 +40,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from cispo_swift.loss import importance_weight
-
-__all__ = ['chunked_token_logps', 'fused_linear_logp_loss', 'make_cispo_coef_fn']
+__all__ = ['autograd_coef_fn', 'chunked_token_logps', 'fused_linear_logp_loss']
 
 # 512 tokens: [512, V] float32 is 297 MiB for Qwen2.5's V = 151,936. Measured with scripts/bench_logps.py (shared
 # 2-core CPU): at the largest size swift's path fits, peak memory 0.06x swift (fp32, 8192 tokens) and 0.12x (bf16,
@@ -370,32 +369,16 @@ def fused_linear_logp_loss(
     )
 
 
-def make_cispo_coef_fn(
-    old_logps: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    epsilon_high: float,
-    normalizer: float,
-) -> CoefFn:
-    """``coef_fn`` for the CISPO loss (MiniMax-M1 section 3.1, in swift's convention), over flattened tokens.
+def autograd_coef_fn(chunk_loss: Callable[[torch.Tensor, int, int], torch.Tensor]) -> CoefFn:
+    """``coef_fn`` for a loss given as a function of one chunk's log-probs: its value and, by autograd, its
+    gradient w.r.t. those log-probs. ``chunk_loss(logps_chunk, start, end)`` gets a leaf [end - start] that
+    requires grad and returns a scalar; it must be a per-token function of log π (no other chunk's log-probs)."""
 
-        w_t = min(exp(log π_t - old_t), epsilon_high)           # epsilon_high is an ABSOLUTE cap, not 1 + ε
-        L   = Σ_t -sg(w_t) · Â_t · log π_t · m_t / normalizer
-        ∂L/∂log π_t = -w_t · Â_t · m_t / normalizer             # every unmasked token keeps its gradient
-
-    Args:
-        old_logps: [N] log-probs of the behaviour policy (π_old).
-        advantages: [N] per-token advantages Â.
-        mask: [N] 0/1 (or float weights) completion mask.
-        epsilon_high: absolute cap on the IS ratio (swift/TRL convention, not 1 + ε; ScaleRL tried 4, 5 and 8).
-        normalizer: N in the loss, e.g. the number of completion tokens of the batch.
-    """
-
-    def coef_fn(logp, start, end):
-        old, adv, m = (x[start:end].to(logp.dtype) for x in (old_logps, advantages, mask))
-        w = importance_weight(logp - old, None, epsilon_high)  # sg(min(r, ε_high)), the weight loss.py defines
-        dlogp = -w * adv * m / normalizer
-        return (dlogp * logp).sum(), dlogp
+    def coef_fn(logps, start, end):
+        with torch.enable_grad():
+            leaf = logps.detach().requires_grad_(True)
+            value = chunk_loss(leaf, start, end)
+            (grad,) = torch.autograd.grad(value, leaf)
+        return value.detach(), grad
 
     return coef_fn

@@ -6,16 +6,20 @@ MiniMax-M1 (arXiv 2506.13585, §3.1), objective to maximise:
     r = π_θ / π_old,  r̂ = clip(r, ...)  (two conventions, see `importance_weight`)
 
 The weight is detached, so every token keeps a gradient through log π; PPO/GRPO instead zero the gradient of a
-token whose ratio left the trust region. Nothing here reduces except `aggregate`.
+token whose ratio left the trust region. Nothing here reduces except `aggregate`; `cispo_objective` composes the
+pieces into the loss the trainer optimises (the plain and the fused log-prob paths both call it).
 
 Shapes: B = sequences in the micro-batch, T = completion positions (right-padded), mask [B, T] marks real
-completion tokens. Sequence-level weights have shape [B, 1] and broadcast over T.
+completion tokens. Sequence-level weights have shape [B, 1] and broadcast over T. `TokenInputs` holds the same
+per-token quantities flattened to [N] = [B·T].
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Dict, Optional
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -49,7 +53,10 @@ def importance_weight(log_ratio: torch.Tensor, lower: Optional[float], upper: Op
     Returns:
         Detached weights, same shape, at least float32. exp() never sees a log-ratio far above log(upper), so an
         extreme ratio gives exactly `upper`, never inf; below the cap the value is exp(log_ratio) bit for bit.
+    Raises:
+        ValueError: `upper` not > 0 or NaN, `lower` negative or NaN, or `lower` > `upper`.
     """
+    _check_bounds(lower, upper)
     log_ratio = log_ratio.detach()  # sg(.)
     if log_ratio.dtype not in (torch.float32, torch.float64):
         log_ratio = log_ratio.float()
@@ -59,6 +66,18 @@ def importance_weight(log_ratio: torch.Tensor, lower: Optional[float], upper: Op
     if upper is not None or lower is not None:
         weight = weight.clamp(min=lower, max=upper)
     return weight
+
+
+def _check_bounds(lower: Optional[float], upper: Optional[float]) -> None:
+    if upper is not None and not upper > 0:  # NaN fails too
+        raise ValueError(
+            f'upper={upper}: the cap of the CISPO weight must be a positive number (inf for no cap); the weight is '
+            'min(r, upper) with r = π_θ/π_old > 0. Pass e.g. upper=5.0, or None for an open side.'
+        )
+    if lower is not None and not 0 <= lower <= (math.inf if upper is None else upper):
+        raise ValueError(
+            f'lower={lower}: the lower bound of the CISPO weight must lie in [0, upper={upper}] (None: no lower bound).'
+        )
 
 
 def sequence_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -89,11 +108,12 @@ def per_token_loss(
         logps: log π_θ of the sampled tokens, [B, T], carries the gradient.
         weight: detached CISPO weight from `importance_weight`, [B, T] or [B, 1].
         advantages: Â, [B, T] (swift expands per-sequence advantages to tokens) or [B, 1].
-        token_mask: optional unified mask M (eq. 6), [B, T] bool.
+        token_mask: optional unified mask M (eq. 6), [B, T] bool; dropped tokens are selected away (0), not
+            multiplied, so a non-finite value there cannot reach the loss.
     """
     loss = -weight * advantages * logps
     if token_mask is not None:
-        loss = loss * token_mask
+        loss = torch.where(token_mask, loss, 0.0)
     return loss
 
 
@@ -132,13 +152,88 @@ def token_scale(
     raise ValueError(f'normalisation {mode!r} is not one of {NORM_MODES}')
 
 
-def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, scale, world_size: int = 1) -> torch.Tensor:
-    """Σ_{i,t} ℓ_{i,t} · m_{i,t} · s_{i,t} · world_size: this rank's share of the global objective.
+def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, scale) -> torch.Tensor:
+    """Σ_{i,t} ℓ_{i,t} · m_{i,t} · s_{i,t}: the one reduction. An empty mask gives an exact zero (with a graph).
 
-    DDP averages gradients over ranks, hence the factor world_size: the ranks' results then average to the
-    global sum. An empty mask gives an exact zero (with a graph), never NaN.
+    Data parallel: DDP averages gradients over P ranks, so each rank's scale carries a factor P (the trainer's
+    `s = P / N` for token normalisation); the ranks' results then average to the global Σ · s.
     """
-    return torch.where(mask.bool(), loss_mat * scale, 0.0).sum() * world_size
+    return torch.where(mask.bool(), loss_mat * scale, 0.0).sum()
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The options of `cispo_objective`, resolved from CISPO_* and swift's flags (see `config.resolve`).
+
+    lower, upper: bounds of the weight from `clip_bounds` (None: open side; upper may be inf).
+    mask_eps: (ε_low, ε_high) of the unified mask (MiniMax-M1 eq. 6–7), None when the mask is off.
+    beta: coefficient of the k3 KL penalty towards π_ref, 0 for none.
+    """
+
+    lower: Optional[float]
+    upper: Optional[float]
+    mask_eps: Optional[Tuple[float, float]] = None
+    beta: float = 0.0
+
+
+@dataclass
+class TokenInputs:
+    """Per-token inputs of `cispo_objective`, each [N] (the B·T tokens of a micro-batch, flattened) or None.
+
+    Exactly one of `anchor` and `log_ratio` is given. `tokens[a:b]` slices every tensor (the fused path evaluates
+    the objective one chunk of tokens at a time).
+    """
+
+    advantages: torch.Tensor  # Â
+    loss_mask: torch.Tensor  # bool: the tokens that enter the loss
+    scale: torch.Tensor  # normalisation factor s_t (see `token_scale`), times the number of ranks
+    anchor: Optional[torch.Tensor] = None  # denominator of r: log π_old, or the inference engine's log-probs
+    log_ratio: Optional[torch.Tensor] = None  # a precomputed log r (GSPO's sequence-level ratio, per token)
+    ref_logps: Optional[torch.Tensor] = None  # log π_ref, needed when Objective.beta != 0
+    entropy_mask: Optional[torch.Tensor] = None  # bool: the top-entropy tokens (arXiv 2506.01939)
+    rollout_weights: Optional[torch.Tensor] = None  # rollout importance-sampling correction weights
+
+    @classmethod
+    def flatten(cls, like: torch.Tensor, **tensors) -> TokenInputs:
+        """From [B, T], [B, 1] or scalar tensors (or None), broadcast to `like` [B, T] and flattened to [B·T]."""
+        flat = {
+            name: None if x is None else torch.as_tensor(x, device=like.device).expand(like.shape).reshape(-1)
+            for name, x in tensors.items()
+        }
+        return cls(**flat)
+
+    def __getitem__(self, index: slice) -> TokenInputs:
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return dataclasses.replace(self, **{name: x[index] for name, x in given.items() if x is not None})
+
+
+def cispo_objective(logps: torch.Tensor, tokens: TokenInputs, objective: Objective) -> torch.Tensor:
+    """Σ_t s_t · ℓ_t over the tokens of `tokens.loss_mask`: this rank's share of the CISPO loss.
+
+        ℓ = (−M · sg(clip(r)) · Â · log π · [entropy mask] + β · KL(π_θ‖π_ref)) · [rollout IS weight]
+
+    (MiniMax-M1 eq. 4, with the unified mask M of eq. 6–7; the entropy mask, KL and rollout weight as swift 4.6.0
+    composes them for its built-in cispo.) Args: `logps` [N], log π_θ of the sampled tokens, carries the gradient;
+    `tokens` [N] each. Every input is selected by the loss mask before it enters a product, so NaN/inf at a
+    masked-out position (padding, filtered completions) reaches neither the loss nor any gradient.
+    """
+    keep = tokens.loss_mask
+    log_ratio = logps.detach() - tokens.anchor if tokens.log_ratio is None else tokens.log_ratio
+    log_ratio = torch.where(keep, log_ratio, 0.0)
+    advantages = torch.where(keep, tokens.advantages, 0.0)
+    weight = importance_weight(log_ratio, objective.lower, objective.upper)  # sg(clip(r))
+    token_mask = None
+    if objective.mask_eps is not None:
+        token_mask = unified_token_mask(log_ratio, advantages, *objective.mask_eps)
+    loss = per_token_loss(logps, weight, advantages, token_mask)
+    if tokens.entropy_mask is not None:
+        loss = loss * tokens.entropy_mask
+    if objective.beta != 0.0:
+        ref = torch.where(keep, tokens.ref_logps, logps.detach())  # KL 0 with a finite gradient where masked
+        loss = loss + objective.beta * k3_kl(ref, logps)
+    if tokens.rollout_weights is not None:
+        loss = loss * torch.where(keep, tokens.rollout_weights, 0.0)
+    return aggregate(loss, keep, torch.where(keep, tokens.scale, 0.0))
 
 
 def cispo_stats(
@@ -148,17 +243,19 @@ def cispo_stats(
     lower: Optional[float],
     upper: Optional[float],
     ppo_epsilon: float,
+    kl: Optional[torch.Tensor] = None,
 ) -> Dict[str, torch.Tensor]:
     """Per-rank sums for the diagnostics, to be added across ranks before dividing (exact global means).
 
     Returns float64 scalars: `tokens`; `clipped`, `clipped_pos`, `clipped_neg` (weight differs from r; split by
     the sign of Â); `ppo_zero_grad` (Â > 0 and r > 1 + ε, or Â < 0 and r < 1 − ε: tokens GRPO/PPO with the same ε
-    give zero gradient and CISPO keeps); `ratio_sum`, `weight_sum`; and `ratio_min`, `ratio_max` (±inf when the
-    rank has no token). Ratios are computed in float64, so up to exp(709) they are reported exactly.
+    give zero gradient and CISPO keeps); `ratio_sum`, `weight_sum`; `kl_sum` when a per-token `kl` [B, T] is given;
+    and `ratio_min`, `ratio_max` (±inf when the rank has no token). Ratios are computed in float64, so up to
+    exp(709) they are reported exactly. Values at masked-out positions are never read.
     """
-    log_ratio = log_ratio.detach().double().expand_as(mask)
-    advantages = advantages.detach().expand_as(mask)
     mask = mask.bool()
+    log_ratio = torch.where(mask, log_ratio.detach().double().expand_as(mask), 0.0)
+    advantages = torch.where(mask, advantages.detach().expand_as(mask), 0.0)
     ratio = torch.exp(log_ratio)
     clipped = torch.zeros_like(mask)
     if upper is not None:
@@ -170,7 +267,9 @@ def cispo_stats(
     zero_grad = ((pos & (ratio > 1.0 + ppo_epsilon)) | (neg & (ratio < 1.0 - ppo_epsilon))) & mask
     weight = ratio.clamp(min=lower, max=upper) if (lower is not None or upper is not None) else ratio
     inf = torch.tensor(float('inf'), dtype=torch.float64, device=ratio.device)
+    extra = {} if kl is None else {'kl_sum': torch.where(mask, kl.detach().double(), 0.0).sum()}
     return {
+        **extra,
         'tokens': mask.sum().double(),
         'clipped': clipped.sum().double(),
         'clipped_pos': (clipped & pos).sum().double(),
@@ -215,6 +314,7 @@ def finalize_stats(sums: Dict[str, float]) -> Dict[str, float]:
         'ratio_min': sums['ratio_min'],
         'ratio_max': sums['ratio_max'],
         'weight_mean': sums['weight_sum'] / n,
+        **({'kl': sums['kl_sum'] / n} if 'kl_sum' in sums else {}),
     }
 
 

@@ -1,4 +1,12 @@
-"""Registration of the trainer with swift's TrainerFactory, and what every plugin file needs at import."""
+"""What a plugin file does when swift imports it: check the run's settings, then register the trainer.
+
+swift imports `--external_plugins` files while it parses its arguments (`BaseArguments._import_external_plugins`,
+ms-swift 4.6.0), after it has read the flags and before it loads any model. `load_plugin` runs the CISPO checks
+there, on swift's own parsed arguments, so a bad setting stops the run within seconds, with one short message
+and no traceback; the trainer runs the same checks again at start for users of the Python API.
+"""
+
+from __future__ import annotations
 
 import os
 import sys
@@ -29,3 +37,56 @@ def register() -> None:
     from swift.trainers import TrainerFactory
 
     TrainerFactory.TRAINER_MAPPING['grpo'] = TRAINER_PATH
+
+
+def load_plugin() -> None:
+    """Validate the arguments swift is parsing and the CISPO_* options, then register the trainer.
+
+    A refusal prints what, why and how to fix, and exits with status 2 before any model loads.
+    """
+    try:
+        validate_parsed_args(swift_args_being_parsed())
+    except (ValueError, TypeError) as error:
+        if os.environ.get('RANK', '0') == '0':  # one message for a multi-process launch
+            print(_refusal(error), file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    register()
+
+
+def validate_parsed_args(args) -> None:
+    """The checks that need no model: CISPO_* options, and for a GRPO run swift's CISPO-relevant flags
+    (--loss_type, --epsilon_high, --epsilon, --importance_sampling_level, --resume_from_checkpoint...).
+
+    `args` is swift's RLHFArguments, or None where the plugin is imported outside argument parsing (the Python
+    API, a dataloader worker): then only the options are checked. Other swift commands (rollout, deploy) and
+    other loss types are left alone, but for a misspelt `cispo` and a warning when CISPO options are set.
+    """
+    from cispo_swift import config, resume
+
+    if args is None:
+        config.current_config()
+        return
+    if getattr(args, 'rlhf_type', None) != 'grpo':
+        return
+    if args.loss_type != 'cispo':
+        config.check_loss_type(args.loss_type)
+        config.warn_unused_options(args.loss_type)
+        return
+    config.check_run(args, config.current_config())
+    resume.check_checkpoint_path(args.resume_from_checkpoint)
+
+
+def swift_args_being_parsed():
+    """swift's arguments object whose `__post_init__` is importing the plugin now, or None."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get('self')
+        if hasattr(candidate, 'external_plugins') and hasattr(candidate, 'rlhf_type'):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def _refusal(error: Exception) -> str:
+    body = '\n'.join(f'  {line}' for line in str(error).split('\n'))
+    return f'cispo-swift: refusing to start (checked while swift parsed its arguments; nothing was loaded):\n{body}'

@@ -6,7 +6,7 @@ Compares, on the same inputs (same seed):
            full logits [B, T, V] = lm_head(hidden), logits.div_(temperature), trl's selective_log_softmax
            (imported as swift imports it), then swift's CISPO loss and .backward()
   chunked  cispo_swift.fused.chunked_token_logps (4 matmuls) + the same CISPO loss
-  fused    cispo_swift.fused.fused_linear_logp_loss with make_cispo_coef_fn (3 matmuls)
+  fused    cispo_swift.fused.fused_linear_logp_loss with the trainer's objective, loss.cispo_objective (3 matmuls)
 
 Each (method, size, chunk size) runs in its own subprocess. Memory = peak RSS of that process
 (VmHWM, reset through /proc/self/clear_refs before each repeat; getrusage ru_maxrss where that is not
@@ -129,10 +129,14 @@ def step_chunked(torch, inputs, args):
 
 
 def step_fused(torch, inputs, args):
-    from cispo_swift.fused import fused_linear_logp_loss, make_cispo_coef_fn
+    from cispo_swift import loss as L
+    from cispo_swift.fused import autograd_coef_fn, fused_linear_logp_loss
 
     hidden, weight, target, old_logps, advantages, mask = inputs
-    coef_fn = make_cispo_coef_fn(old_logps, advantages, mask, epsilon_high=EPS_HIGH, normalizer=mask.sum())
+    scale = torch.ones_like(advantages) / mask.sum()
+    tokens = L.TokenInputs(advantages=advantages, loss_mask=mask.bool(), scale=scale, anchor=old_logps)
+    objective = L.Objective(lower=None, upper=EPS_HIGH)
+    coef_fn = autograd_coef_fn(lambda logps, start, end: L.cispo_objective(logps, tokens[start:end], objective))
     loss, _, _ = fused_linear_logp_loss(
         hidden,
         weight,

@@ -14,3 +14,12 @@ def tiny(tmp_path_factory):
     from cispo_swift.demo.tiny import build
 
     return build(str(tmp_path_factory.mktemp('tiny')))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings():
+    """cispo-swift warns once per process; every test starts with none emitted."""
+    from cispo_swift import config
+
+    config._warned.clear()
+    yield

@@ -65,6 +65,7 @@ def make_trainer(cispo: CISPOConfig | None = None, **arg_overrides) -> CISPOGRPO
     trainer.dynamic_num_samples = False
     trainer._metrics = {'train': defaultdict(list), 'eval': defaultdict(list)}
     trainer._logs = {'entropy': []}
+    trainer.state = SimpleNamespace(global_step=0)
     import cispo_swift.config as config_module
 
     previous = config_module._configured
@@ -75,7 +76,6 @@ def make_trainer(cispo: CISPOConfig | None = None, **arg_overrides) -> CISPOGRPO
         config_module._configured = previous
     trainer.beta = trainer.args.beta  # set by TRL's __init__ in a real trainer
     trainer.compute_entropy = trainer.args.log_entropy or trainer.top_entropy_quantile < 1.0
-    trainer._cispo_extrema = {'train': {}, 'eval': {}}
     return trainer
 
 

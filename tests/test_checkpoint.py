@@ -7,7 +7,7 @@ import pytest
 from stubs import make_trainer
 
 from cispo_swift.config import CISPOConfig
-from cispo_swift.trainer import CONFIG_FILE
+from cispo_swift.resume import CONFIG_FILE
 
 
 def _checkpoint(tmp_path, settings=None, global_step=4):
@@ -22,7 +22,7 @@ def _checkpoint(tmp_path, settings=None, global_step=4):
 
 def _resume(checkpoint, cispo=None, **args):
     trainer = make_trainer(cispo, resume_from_checkpoint=checkpoint, steps_per_generation=1, **args)
-    trainer._check_resume_settings()
+    trainer._check_resume()
     return trainer
 
 
@@ -72,13 +72,11 @@ def test_the_override_itself_is_not_a_change(tmp_path):
     _resume(_checkpoint(tmp_path, saved), CISPOConfig())
 
 
-def test_resuming_a_cispo_checkpoint_with_another_loss_type_is_refused(tmp_path, monkeypatch):
+def test_resuming_a_cispo_checkpoint_with_another_loss_type_warns(tmp_path, swift_log):
+    """Not a CISPO run: swift's behaviour is kept (no refusal), the log says the loss changes."""
     checkpoint = _checkpoint(tmp_path, make_trainer().cispo_effective_settings())
-    with pytest.raises(ValueError, match="loss_type: 'cispo' in the checkpoint, 'grpo' now") as err:
-        _resume(checkpoint, loss_type='grpo')
-    assert '--loss_type cispo' in str(err.value)
-    monkeypatch.setenv('CISPO_ALLOW_CONFIG_CHANGE', '1')
     _resume(checkpoint, loss_type='grpo')
+    assert 'was trained with --loss_type cispo; this run resumes it with --loss_type grpo' in swift_log.text
 
 
 def test_checkpoint_without_settings_warns(tmp_path, swift_log):
@@ -98,4 +96,16 @@ def test_resume_in_the_middle_of_a_generation_batch_warns(tmp_path, swift_log, s
 
 def test_no_resume_checks_nothing(tmp_path):
     _resume(None, CISPOConfig(norm='prompt'))
-    _resume(str(tmp_path / 'missing'), CISPOConfig(norm='prompt'))
+
+
+def test_resume_from_a_missing_directory_or_a_run_directory_is_refused(tmp_path):
+    with pytest.raises(ValueError, match='no such directory'):
+        _resume(str(tmp_path / 'missing'))
+    run = tmp_path / 'run'
+    for step in (2, 10):
+        (run / 'v0-20261126' / f'checkpoint-{step}').mkdir(parents=True)
+    with pytest.raises(ValueError) as err:
+        _resume(str(run))
+    message = str(err.value)
+    assert 'is not a checkpoint: it has no trainer_state.json' in message
+    assert f'the newest is {run}/v0-20261126/checkpoint-10' in message

@@ -54,8 +54,7 @@ def test_keyword_overrides_win_over_environment():
         ({'CISPO_ANCHOR': 'vllm'}, 'must be one of old, rollout'),
         ({'CISPO_MASK': 'maybe'}, "CISPO_MASK='maybe' is not a boolean"),
         ({'CISPO_MASK_EPS_LOW': 'wide'}, "CISPO_MASK_EPS_LOW='wide' is not a number"),
-        ({'CISPO_MASK_EPS_LOW': '-0.1'}, 'CISPO_MASK_EPS_LOW=-0.1 must be ≥ 0'),
-        ({'CISPO_EPS_LOW': '0.2'}, 'exists only in `relative` mode'),
+        ({'CISPO_MASK_EPS_LOW': '-0.1'}, 'CISPO_MASK_EPS_LOW=-0.1 must be a number ≥ 0'),
         ({'CISPO_CLIP_MODE': 'relative', 'CISPO_EPS_LOW': '1.5'}, 'eps_low must be in [0, 1]'),
     ],
 )
@@ -94,21 +93,22 @@ def test_options_table_lists_every_option():
 
 def test_unset_epsilon_high_uses_cap_five_not_swifts_epsilon():
     trainer = make_trainer(epsilon_high=None, epsilon=0.2)
-    assert (trainer.cispo_lower, trainer.cispo_upper) == (None, 5.0)
-    assert 'instead of swift' in trainer.cispo_default_note and '0.2' in trainer.cispo_default_note
+    assert (trainer.cispo_resolved.lower, trainer.cispo_resolved.upper) == (None, 5.0)
+    note = trainer.cispo_resolved.default_note
+    assert 'instead of swift' in note and '0.2' in note
     assert trainer._cispo_summary().startswith('cispo-swift: CISPO loss active: w = sg(min(r, 5.0)) [absolute]')
 
 
 def test_unset_epsilon_high_relative_mode_gives_the_same_cap():
     trainer = make_trainer(CISPOConfig(clip_mode='relative'), epsilon_high=None)
-    assert (trainer.cispo_lower, trainer.cispo_upper) == (None, 5.0)
+    assert (trainer.cispo_resolved.lower, trainer.cispo_resolved.upper) == (None, 5.0)
 
 
 @pytest.mark.parametrize(
     'eps_high, message',
     [
-        (0.0, 'the bound must be positive'),
-        (-1.0, 'the bound must be positive'),
+        (0.0, 'the bound must be a positive number'),
+        (-1.0, 'the bound must be a positive number'),
         (0.28, 'every on-policy token (r = 1) would be down-weighted to 0.28'),
     ],
 )
@@ -120,14 +120,20 @@ def test_bad_epsilon_high_is_refused(eps_high, message):
 
 def test_small_epsilon_high_is_fine_in_relative_mode():
     trainer = make_trainer(CISPOConfig(clip_mode='relative', eps_low=0.2), epsilon_high=0.28)
-    assert (trainer.cispo_lower, trainer.cispo_upper) == (pytest.approx(0.8), pytest.approx(1.28))
+    assert (trainer.cispo_resolved.lower, trainer.cispo_resolved.upper) == (pytest.approx(0.8), pytest.approx(1.28))
 
 
-def test_unknown_loss_type_lists_valid_ones():
+@pytest.mark.parametrize('loss_type', ['cispoo', 'CISPO', 'cipso', 'cisp'])
+def test_misspelt_cispo_loss_type_is_refused(loss_type):
     with pytest.raises(ValueError) as err:
-        make_trainer(loss_type='cispoo')
-    assert "--loss_type 'cispoo' is not a GRPO loss type" in str(err.value)
-    assert 'cispo' in str(err.value) and 'dapo' in str(err.value)
+        make_trainer(loss_type=loss_type)
+    assert f"--loss_type {loss_type!r} is not 'cispo'" in str(err.value) and 'Use --loss_type cispo' in str(err.value)
+
+
+@pytest.mark.parametrize('loss_type', ['grpo', 'dapo', 'sapo', 'bnpo', 'dr_grpo', 'my_custom_loss'])
+def test_other_loss_types_reach_swift_untouched(loss_type):
+    trainer = make_trainer(loss_type=loss_type)
+    assert trainer.cispo_active is False and not hasattr(trainer, 'cispo_config')
 
 
 def test_other_loss_types_skip_cispo_set_up():

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from stubs import make_trainer, swift_loss
 from swift.rl_core.data import GRPOBatch
 
+from cispo_swift import norm as norm_module
 from cispo_swift.config import CISPOConfig
 
 pytestmark = pytest.mark.slow  # two spawned processes import swift: ~40 s
@@ -75,12 +76,12 @@ def _run(problem, rows, norm, accelerator=None, builtin=False):
         loss, metrics = swift_loss(trainer, batch)
         return {'clip_ratio': metrics['clipping']['cispo_clip_ratio'], 'kl': metrics['kl']}
     samples = [SimpleNamespace(prompt_id=PROMPT_IDS[i]) for i in range(B)[rows]]
-    trainer._attach_group_counts(samples, [{'grpo_batch': batch}])
+    norm_module.attach_group_counts(trainer, samples, [{'grpo_batch': batch}])
     loss, metrics = trainer._compute_loss_and_metrics(None, {}, batch)
     loss.backward()
     trainer._update_metrics(metrics)
     recorded = {k: v[-1] for k, v in trainer._metrics['train'].items() if k.startswith('cispo') or k == 'kl'}
-    recorded.update({f'cispo/{k}': v for k, v in trainer._cispo_extrema['train'].items()})
+    recorded.update({f'cispo/{k}': v for k, v in trainer.cispo_recorder.extrema['train'].items()})
     return {'loss': loss.detach(), 'grad': weight.grad.clone(), 'metrics': recorded}
 
 
@@ -148,20 +149,24 @@ def test_two_gloo_ranks_log_the_whole_batch_metrics(two_ranks, norm):
     for rank in two_ranks:
         assert rank[norm]['metrics'].keys() == whole.keys()
         for key, value in whole.items():
-            assert rank[norm]['metrics'][key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
+            if key != 'kl':  # swift's meaning: the mean of per-rank means (last test)
+                assert rank[norm]['metrics'][key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
 
 
 def test_swift_metrics_average_per_rank_means_ours_count_tokens(two_ranks):
     """swift's `cispo_clip_ratio` and `kl` over two ranks are the mean of the two ranks' own values; with 9 and
-    26 tokens that is not the whole-batch value, which ours report."""
+    26 tokens that is not the whole-batch value, which ours report (`cispo_clip_ratio`, `cispo/kl`). Our `kl` keeps
+    swift's meaning, as for every other loss type."""
     whole = _run(_problem(), slice(None), 'token')['metrics']
     # What each rank's half gives on its own.
     per_rank = [_run(_problem(), slice(r * B // WORLD, (r + 1) * B // WORLD), 'token')['metrics'] for r in (0, 1)]
-    for key, ours_key in (('clip_ratio', 'cispo_clip_ratio'), ('kl', 'kl')):
+    ours = two_ranks[0]['token']['metrics']
+    for key, ours_key in (('clip_ratio', 'cispo_clip_ratio'), ('kl', 'cispo/kl')):
         mean_of_means = (per_rank[0][ours_key] + per_rank[1][ours_key]) / 2
         assert two_ranks[0]['builtin'][key] == pytest.approx(mean_of_means, rel=1e-6)
         assert whole[ours_key] > 0 and mean_of_means != pytest.approx(whole[ours_key], rel=1e-3)
-        assert two_ranks[0]['token']['metrics'][ours_key] == pytest.approx(whole[ours_key], rel=1e-12)
+        assert ours[ours_key] == pytest.approx(whole[ours_key], rel=1e-12)
+    assert ours['kl'] == pytest.approx(two_ranks[0]['builtin']['kl'], rel=1e-12)
 
 
 def test_launch_without_data_parallel_trainer_is_refused(two_ranks):

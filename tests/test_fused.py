@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import cispo_swift.fused as fused_mod
-from cispo_swift.fused import chunked_token_logps, fused_linear_logp_loss, make_cispo_coef_fn
+from cispo_swift import loss as L
+from cispo_swift.fused import autograd_coef_fn, chunked_token_logps, fused_linear_logp_loss
 
 N, H, V = 37, 32, 211
 EPS_HIGH = 1.5  # absolute cap on the IS ratio (swift's convention), low enough that some tokens clip
@@ -53,6 +54,18 @@ def ref_cispo_terms(logps, old_logps, advantages, mask, normalizer):
 
 def ref_cispo_loss(logps, old_logps, advantages, mask, normalizer):
     return ref_cispo_terms(logps, old_logps, advantages, mask, normalizer).sum()
+
+
+def make_cispo_coef_fn(old_logps, advantages, mask, *, epsilon_high, normalizer):
+    """The fused path's coef_fn for the CISPO objective the trainer uses (loss.cispo_objective), flat tokens."""
+    tokens = L.TokenInputs(
+        advantages=advantages,
+        loss_mask=mask.bool(),
+        scale=torch.full_like(advantages, 1.0) / normalizer,
+        anchor=old_logps,
+    )
+    objective = L.Objective(lower=None, upper=epsilon_high)
+    return autograd_coef_fn(lambda logps, start, end: L.cispo_objective(logps, tokens[start:end], objective))
 
 
 # ---------------------------------------------------------------- data and helpers

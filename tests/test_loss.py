@@ -150,7 +150,7 @@ def test_two_pretend_ranks_average_to_the_global_objective(mode):
             num_groups=4.0,
             dtype=torch.float64,
         )
-        rank_losses.append(L.aggregate(loss_leaf[sl], mask[sl], scale, world_size=2))
+        rank_losses.append(L.aggregate(loss_leaf[sl], mask[sl], scale * 2))  # P = 2 ranks: s carries P
     averaged = sum(rank_losses) / 2
     torch.testing.assert_close(averaged, global_ref, rtol=1e-12, atol=1e-12)
     (g_avg,) = torch.autograd.grad(averaged, loss_leaf)

@@ -9,6 +9,7 @@ from stubs import SingleProcessAccelerator, make_trainer, tiny_qwen2
 from swift.rlhf_trainers import GRPOTrainer
 
 from cispo_swift.config import CISPOConfig
+from cispo_swift.fused_head import unsupported_reason
 
 
 class _Unwrap(SingleProcessAccelerator):
@@ -64,16 +65,16 @@ def test_fused_path_matches_swift_path(tied, lora, chunk):
 def test_fallback_reasons():
     trainer = _trainer(_model())
     trainer.model = _model()
-    assert trainer._fused_unsupported_reason() is None
+    assert unsupported_reason(trainer) is None
     soft = _model()
     soft.config.final_logit_softcapping = 30.0
     trainer.model = soft
-    assert 'final_logit_softcapping=30.0' in trainer._fused_unsupported_reason()
+    assert 'final_logit_softcapping=30.0' in unsupported_reason(trainer)
     trainer.model = _model()
     trainer.model.lm_head = torch.nn.Sequential(trainer.model.lm_head)
-    assert 'not a plain torch.nn.Linear' in trainer._fused_unsupported_reason()
+    assert 'not a plain torch.nn.Linear' in unsupported_reason(trainer)
     trainer.is_multimodal = True
-    assert 'multimodal' in trainer._fused_unsupported_reason()
+    assert 'multimodal' in unsupported_reason(trainer)
 
 
 def _loss_batch(model, seed=0, B=4, L=12, T=7):

@@ -8,6 +8,8 @@ import torch
 from stubs import attach_logps, make_batch, make_trainer, our_loss, tiny_qwen2
 
 from cispo_swift.config import CISPOConfig
+from cispo_swift.fused_head import fp32_lm_head
+from cispo_swift.norm import attach_group_counts
 
 
 def _logps(logits, ids):
@@ -115,7 +117,7 @@ def test_sequence_and_prompt_normalisation_over_micro_batches(norm):
     samples = [SimpleNamespace(prompt_id=p) for p in prompt_ids]
     trainer = attach_logps(make_trainer(CISPOConfig(norm=norm)), logits, ids, entropies)
     trainer.split_by_mini_batches = lambda s: [s[:B], s[B:]]
-    trainer._attach_group_counts(samples, batches)
+    attach_group_counts(trainer, samples, batches)
     total = sum(trainer._compute_loss_and_metrics(None, mb['model_inputs'], mb['grpo_batch'])[0] for mb in batches)
 
     logps = _logps(logits, ids)
@@ -157,17 +159,15 @@ def test_chunked_path_gives_the_unchunked_loss_and_gradient():
     for key, values in reference._metrics['train'].items():
         if key.startswith('cispo'):
             assert trainer._metrics['train'][key] == pytest.approx(values), key
-    assert trainer._cispo_extrema == reference._cispo_extrema
+    assert trainer.cispo_recorder.extrema == reference.cispo_recorder.extrema
 
 
 def test_fp32_lm_head_computes_logits_in_float32():
-    from cispo_swift.trainer import _fp32_lm_head
-
     model = tiny_qwen2(vocab=50, layers=1).to(torch.bfloat16)
     ids = torch.randint(0, 50, (2, 5))
     hidden = model.model(input_ids=ids).last_hidden_state
     assert model(input_ids=ids).logits.dtype == torch.bfloat16
-    _fp32_lm_head(model)
+    assert fp32_lm_head(model)
     logits = model(input_ids=ids).logits
     assert logits.dtype == torch.float32
     expected = hidden.float() @ model.lm_head.weight.float().T
@@ -177,14 +177,12 @@ def test_fp32_lm_head_computes_logits_in_float32():
 
 
 def test_fp32_lm_head_refuses_a_wrapped_head():
-    from cispo_swift.trainer import _fp32_lm_head
-
     class Wrapped(torch.nn.Module):
         def get_output_embeddings(self):
             return torch.nn.Sequential(torch.nn.Linear(2, 2))
 
     with pytest.raises(ValueError, match='needs a plain torch.nn.Linear output layer'):
-        _fp32_lm_head(Wrapped())
+        fp32_lm_head(Wrapped())
 
 
 @pytest.mark.parametrize('where', ['logps', 'advantages', 'old'])

@@ -117,7 +117,7 @@ def test_metrics_count_clipping_on_both_advantage_signs():
     assert m['cispo/ppo_zero_grad_frac'] == [pytest.approx(zero.sum().item() / n)]
     assert m['cispo/ratio_mean'] == [pytest.approx(r[mask].mean().item())]
     assert m['cispo/weight_mean'] == [pytest.approx(r.clamp(max=5.0)[mask].mean().item())]
-    assert trainer._cispo_extrema['train'] == {
+    assert trainer.cispo_recorder.extrema['train'] == {
         'ratio_min': pytest.approx(r[mask].min().item()),
         'ratio_max': pytest.approx(r[mask].max().item()),
     }
