@@ -1,4 +1,4 @@
-"""`python -m cispo_swift COMMAND`: plugin-path, options, plot, summary."""
+"""`python -m cispo_swift COMMAND`: plugin-path, options, plot, summary, model."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ def main(argv=None) -> int:
         from cispo_swift.demo import plot
 
         return plot.main(argv[1:]) if argv[0] == 'plot' else plot.summary_main(argv[1:])
+    if argv[:2] == ['model', 'smollm2']:
+        from cispo_swift.demo import smollm2
+
+        return smollm2.main(argv[2:])
     parser = argparse.ArgumentParser(prog='python -m cispo_swift', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
     path = sub.add_parser('plugin-path', help='print the absolute path of the file for --external_plugins')
@@ -20,6 +24,8 @@ def main(argv=None) -> int:
     sub.add_parser('options', help='print the CISPO_* options as a Markdown table')
     sub.add_parser('plot', help='plot swift logging.jsonl of one or more runs: plot RUN_DIR... -o out.png')
     sub.add_parser('summary', help='first-vs-last reward and the CISPO metrics of a run: summary RUN_DIR')
+    model = sub.add_parser('model', help='fetch and convert a real model once, print its path (model smollm2 -h)')
+    model.add_argument('name', choices=['smollm2'])
     args = parser.parse_args(argv)
     here = os.path.dirname(os.path.abspath(__file__))
     if args.command == 'plugin-path':

@@ -15,5 +15,5 @@ fi
 # torch first and alone: pip takes the CPU build from the local wheel directory; asking for it through
 # another package's requirement could pull a multi-GB CUDA build instead.
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
-.venv/bin/python -m pip install -q --disable-pip-version-check -c requirements.lock -e '.[dev,plot]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -c requirements.lock -e '.[dev,plot,smollm2]'
 echo "$want" > "$stamp"
