@@ -171,6 +171,10 @@ class InProcessRunner:
     def run(self, flags: List[str], log_path: Path) -> None:
         self._mapping.clear()
         self._mapping.update(self._stock)
+        # swift caches a plugin module by file path and does not execute it again in the same process
+        # (swift/utils/utils.py::import_external_file): forget them, so that a cispo run registers the trainer anew.
+        for name in [m for m in sys.modules if m.startswith('_swift_external_')]:
+            del sys.modules[name]
         with _redirect_fds(log_path):
             try:
                 self._main(flags)
@@ -511,6 +515,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             t0 = time.time()
             runner.run(swift_flags(loss, seed, paths, run_dir, a.max_steps), log)
             wall = time.time() - t0
+            if (loss in PLUGIN_LOSSES) != ('cispo-swift: CISPO loss active' in log.read_text()):
+                raise RuntimeError(f'{loss} seed {seed}: trained with the wrong trainer (see {log})')
             rows_logged = read_log(run_dir)
             s = summarize_run(rows_logged, loss)
             clip_key = 'cispo/clip_frac' if loss == 'cispo' else 'clip_ratio/region_mean'

@@ -49,7 +49,7 @@ def test_two_processes_log_the_losses_of_one_process(tiny, tmp_path):
     one_rows, two_rows = logged_steps(tmp_path / 'one'), logged_steps(tmp_path / 'two')
     assert len(one_rows) == len(two_rows) == 4
     for a, b in zip(one_rows, two_rows):
-        for key in ('loss', 'grad_norm', 'kl', *CISPO_KEYS):
+        for key in ('loss', 'grad_norm', 'cispo/kl', *CISPO_KEYS):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a['global_step/max_steps'], key)
         if 'reward' in a:  # steps that generated
             assert b['reward'] == pytest.approx(a['reward'], rel=1e-6)
@@ -90,7 +90,7 @@ def test_resume_at_a_generation_boundary_is_exact(tiny, uninterrupted, tmp_path)
     resumed, reference = logged_steps(tmp_path / 'B'), logged_steps(uninterrupted)[2:]
     assert [r['global_step/max_steps'] for r in resumed] == ['3/4', '4/4']
     for a, b in zip(reference, resumed):
-        for key in ('loss', 'grad_norm', 'kl', *CISPO_KEYS):
+        for key in ('loss', 'grad_norm', 'cispo/kl', *CISPO_KEYS):
             assert b[key] == a[key], (a['global_step/max_steps'], key)
     assert resumed[1]['cispo/ratio_mean'] != 1.0
     final_a = load_file(uninterrupted / 'checkpoint-4' / 'adapter_model.safetensors')
