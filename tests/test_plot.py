@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from cispo_swift.__main__ import main
 from cispo_swift.demo import plot
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -53,6 +54,7 @@ def test_find_logging_jsonl(run, tmp_path):
     _write(run / 'v10-20250101-000000' / 'logging.jsonl', _rows(2))
     _write(run / 'v9-20250101-000000' / 'logging.jsonl', _rows(2))
     assert plot.find_logging_jsonl(str(run)).endswith('v10-20250101-000000/logging.jsonl')
+    (tmp_path / 'empty').mkdir()
     with pytest.raises(FileNotFoundError, match='no logging.jsonl'):
         plot.find_logging_jsonl(str(tmp_path / 'empty'))
 
@@ -157,3 +159,34 @@ def test_missing_matplotlib_is_a_clear_error(run, tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, '__import__', no_matplotlib)
     with pytest.raises(ImportError, match=r'pip install "cispo-swift\[plot\]"'):
         plot.plot_runs([str(run)], str(tmp_path / 'x.png'))
+
+
+def test_cut_off_last_line_is_skipped_with_a_warning(run, capsys):
+    """A run killed while swift wrote a row leaves a partial last line."""
+    path = run / 'v1-20250101-000100' / 'logging.jsonl'
+    text = path.read_text()
+    lines = text.splitlines()
+    path.write_text(text + '{"loss": 0.5, "global_step/max_steps": "13/1')  # no newline, cut mid-row
+    rows = plot.load_log(str(run))
+    assert [r['step'] for r in rows][-1] == 12
+    assert f'{path}, line {len(lines) + 1} (the last) is cut off; skipping it.' in capsys.readouterr().err
+    assert main(['summary', str(run)]) == 0
+
+
+def test_damaged_line_in_the_middle_is_an_error_naming_file_and_line(run):
+    path = run / 'v1-20250101-000100' / 'logging.jsonl'
+    lines = path.read_text().splitlines()
+    lines[2] = lines[2][:10]
+    path.write_text('\n'.join(lines) + '\n')
+    with pytest.raises(ValueError, match=f'{path}, line 3: not JSON'):
+        plot.load_log(str(run))
+
+
+@pytest.mark.parametrize('command', ['summary', 'plot'])
+def test_missing_directory_is_one_line_not_a_traceback(command, tmp_path, capsys):
+    args = [command, str(tmp_path / 'nope')] + (['-o', str(tmp_path / 'x.png')] if command == 'plot' else [])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f'python -m cispo_swift {command}: {tmp_path / "nope"} does not exist: pass a swift ' + (
+        'output_dir, its vN-* dir or a logging.jsonl.'
+    )

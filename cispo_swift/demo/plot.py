@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 STEP_KEY = 'global_step/max_steps'
@@ -35,6 +36,8 @@ def find_logging_jsonl(run_dir: str) -> str:
     """The ``logging.jsonl`` of a run: the file itself, ``run_dir/logging.jsonl``, or the newest ``vN-*`` one."""
     if os.path.isfile(run_dir):
         return run_dir
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f'{run_dir} does not exist: pass a swift output_dir, its vN-* dir or a logging.jsonl.')
     direct = os.path.join(run_dir, 'logging.jsonl')
     if os.path.isfile(direct):
         return direct
@@ -57,17 +60,22 @@ def find_logging_jsonl(run_dir: str) -> str:
 def load_log(run_dir: str) -> List[Dict]:
     """The logged steps of a run, in order, each with an integer ``step`` added."""
     path = find_logging_jsonl(run_dir)
-    rows = []
     with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
+        lines = [(number, line.strip()) for number, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for i, (number, line) in enumerate(lines):
+        try:
             row = json.loads(line)
-            if STEP_KEY not in row:
-                continue  # the end-of-training summary
-            row['step'] = int(str(row[STEP_KEY]).split('/')[0])
-            rows.append(row)
+        except json.JSONDecodeError as error:
+            if i < len(lines) - 1:
+                raise ValueError(f'{path}, line {number}: not JSON ({error.msg}); the file is damaged.') from None
+            # A run killed while swift wrote its last row leaves that row cut off.
+            print(f'warning: {path}, line {number} (the last) is cut off; skipping it.', file=sys.stderr)
+            continue
+        if STEP_KEY not in row:
+            continue  # the end-of-training summary
+        row['step'] = int(str(row[STEP_KEY]).split('/')[0])
+        rows.append(row)
     return rows
 
 
@@ -215,9 +223,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--smooth', type=int, default=1, help='moving-average window in logged points (default 1: raw)')
     p.add_argument('--title', default=None)
     a = p.parse_args(argv)
-    panels = plot_runs(a.run_dirs, a.out, labels=a.labels, smooth=a.smooth, title=a.title)
+    try:
+        panels = plot_runs(a.run_dirs, a.out, labels=a.labels, smooth=a.smooth, title=a.title)
+    except (OSError, ValueError) as error:
+        return _fail('plot', error)
     print(f'wrote {a.out} ({", ".join(panels)})')
     return 0
+
+
+def _fail(command: str, error: Exception) -> int:
+    print(f'python -m cispo_swift {command}: {error}', file=sys.stderr)
+    return 2
 
 
 def _format_summary(label: str, s: Dict) -> str:
@@ -239,6 +255,9 @@ def summary_main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--json', action='store_true', help='print one JSON object per run instead')
     a = p.parse_args(argv)
     for d in a.run_dirs:
-        s = summarize_run(d, k=a.k)
+        try:
+            s = summarize_run(d, k=a.k)
+        except (OSError, ValueError) as error:
+            return _fail('summary', error)
         print(json.dumps({'run': d, **s}) if a.json else _format_summary(d, s))
     return 0
