@@ -279,12 +279,29 @@ def resolve_weight(args, cfg: CISPOConfig) -> Resolved:
     return Resolved(eps_high, *clip_bounds(eps_high, cfg.eps_low, cfg.clip_mode))
 
 
+# swift's numeric flags that reach the CISPO loss or its metrics.
+NUMERIC_FLAGS = (
+    'epsilon_high',
+    'epsilon',
+    'beta',
+    'delta',
+    'temperature',
+    'top_entropy_quantile',
+    'rollout_importance_sampling_threshold',
+    'off_policy_sequence_mask_delta',
+)
+
+
 def check_run(args, cfg: CISPOConfig) -> Resolved:
     """Every check of a `--loss_type cispo` run that its arguments and the options allow, before any model loads.
 
     `args` is swift's RLHFArguments (the plugin file, at argument parsing) or the trainer's GRPOConfig (trainer
     start): both carry the flags read here. Refusals raise ValueError; settings without effect are warned about.
     """
+    for flag in NUMERIC_FLAGS:
+        value = getattr(args, flag, None)
+        if isinstance(value, float) and math.isnan(value):
+            raise ValueError(f'--{flag} nan: NaN is not a valid setting; it would make the loss or its metrics NaN.')
     resolved = resolve_weight(args, cfg)
     if getattr(args, 'use_liger_kernel', False):
         raise ValueError(

@@ -99,15 +99,27 @@ def test_fp32_lm_head_with_bf16_model(tiny, tmp_path):
         (['--loss_type', 'cispoo'], {}, "--loss_type 'cispoo' is not 'cispo'"),
         ([], {'CISPO_NORM': 'tokens'}, "CISPO_NORM='tokens' is not valid"),
         ([], {'CISPO_NROM': 'token'}, 'Unknown CISPO option variable(s): CISPO_NROM'),
+        (['--epsilon_high', 'nan'], {}, '--epsilon_high nan: NaN is not a valid setting'),
     ],
-    ids=['cap-below-1', 'cap-zero', 'unknown-loss-type', 'bad-option', 'unknown-option'],
+    ids=['cap-below-1', 'cap-zero', 'unknown-loss-type', 'bad-option', 'unknown-option', 'cap-nan'],
 )
 def test_bad_input_fails_before_training_with_a_clear_message(tiny, tmp_path, flags, env, message):
+    """Refused while swift parses its arguments: exit status 2, one block, no traceback, no model loaded."""
     result = run_swift(tiny, tmp_path / 'run', *flags, env=env)
-    assert result.returncode != 0
+    assert result.returncode == 2
     output = result.stdout + result.stderr
-    assert message in output
-    assert not (tmp_path / 'run' / 'logging.jsonl').exists() or not logged_steps(tmp_path / 'run')
+    assert 'cispo-swift: refusing to start (checked while swift parsed its arguments' in output
+    assert message in output and 'Traceback' not in output
+    assert 'Loading model from' not in output and 'Successfully imported external_plugins' not in output
+    assert not (tmp_path / 'run' / 'logging.jsonl').exists()
+
+
+def test_cispo_options_with_another_loss_type_warn_and_swift_trains(tiny, tmp_path):
+    result = run_swift(tiny, tmp_path / 'run', '--loss_type', 'grpo', '--max_steps', '1', env={'CISPO_NORM': 'prompt'})
+    check_ok(result)
+    output = result.stdout + result.stderr
+    assert "CISPO_NORM set, but --loss_type is 'grpo'" in output and 'CISPO loss active' not in output
+    assert len(logged_steps(tmp_path / 'run')) == 1
 
 
 def test_fused_logps_log_the_same_losses(tiny, tmp_path):
@@ -117,7 +129,7 @@ def test_fused_logps_log_the_same_losses(tiny, tmp_path):
     env = {'CISPO_FUSED_LOGPS': '1', 'CISPO_FUSED_CHUNK_SIZE': '7'}
     fused = run_swift(tiny, tmp_path / 'fused', *flags, env=env)
     check_ok(fused)
-    assert 'falls back' not in fused.stdout + fused.stderr
+    assert 'fused_logps=1' in fused.stdout + fused.stderr and 'has no effect' not in fused.stdout + fused.stderr
     builtin = run_swift(tiny, tmp_path / 'builtin', *flags, plugin=False)
     check_ok(builtin)
     fused_rows, builtin_rows = logged_steps(tmp_path / 'fused'), logged_steps(tmp_path / 'builtin')
