@@ -26,11 +26,11 @@ With g_t = ∂L/∂ log π(y_t) and G = [g_t (onehot(y_t) - softmax(z_t)) / τ]_
 
 Precision: the softmax statistics are taken in float32 (float64 for float64 inputs); the returned
 log-probs, entropies and loss are float32 for bf16/fp16/fp32 inputs (swift returns bf16 log-probs for bf16
-logits). The matmuls run in the input dtype, or in float32 when ``fp32_head=True`` (MiniMax-M1,
-arXiv 2506.13585, Fig. 3: an FP32 LM head raised the train/inference probability correlation from ≈0.987 to
-≈0.997). With bf16 inputs, ``fp32_head`` makes a float32 copy of W (V·H·4 bytes) for the duration of the
-forward (and again in the backward of ``chunked_token_logps``). grad_weight and grad_bias are accumulated over
-chunks in float32 and returned in the parameter's dtype.
+logits). The matmuls run in the input dtype (in the autocast dtype under autocast, as the model's lm_head
+would), or in float32 when ``fp32_head=True`` (MiniMax-M1, arXiv 2506.13585, Fig. 3: an FP32 LM head raised the
+train/inference probability correlation from ≈0.987 to ≈0.997). With bf16 inputs, ``fp32_head`` makes a float32
+copy of W (V·H·4 bytes) for the duration of the forward (and again in the backward of ``chunked_token_logps``).
+grad_weight and grad_bias are accumulated over chunks in float32 and returned in the parameter's dtype.
 
 Entropy is returned detached (marked non-differentiable): swift 4.6.0 only uses entropies for metrics and
 for the top-entropy token mask (``entropies >= threshold``), never inside a differentiated loss.
@@ -71,9 +71,15 @@ def _check_inputs(hidden, weight, bias, target, temperature, chunk_size):
 
 
 def _compute_dtype(hidden, weight, fp32_head):
-    # dtype of the matmuls; float64 stays float64 (gradcheck), fp32_head lifts bf16/fp16 to float32
+    # dtype of the matmuls; float64 stays float64 (gradcheck), fp32_head lifts bf16/fp16 to float32. Under autocast
+    # (swift's --fp16/--bf16 mixed precision) the model's own lm_head would run in the autocast dtype: so do we.
     cdt = torch.promote_types(hidden.dtype, weight.dtype)
-    return torch.promote_types(cdt, torch.float32) if fp32_head else cdt
+    if fp32_head:
+        return torch.promote_types(cdt, torch.float32)
+    device = hidden.device.type
+    if cdt != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return cdt
 
 
 def _stat_dtype(cdt):
@@ -186,7 +192,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 entropy[start:end] = ent
         del w, b, ws
         ctx.save_for_backward(hidden, weight, bias, target)
-        ctx.temperature, ctx.chunk_size, ctx.fp32_head = temperature, chunk_size, fp32_head
+        ctx.temperature, ctx.chunk_size, ctx.cdt = temperature, chunk_size, cdt
         if entropy is not None:
             ctx.mark_non_differentiable(entropy)
         return logps, entropy
@@ -199,7 +205,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         if grad_logps is None or not (need_h or need_w or need_b):
             return (None,) * 8
         n_tok = hidden.shape[0]
-        cdt = _compute_dtype(hidden, weight, ctx.fp32_head)
+        cdt = ctx.cdt  # the forward's (backward runs outside autocast)
         w, b = _head(weight, bias, cdt)
         grad_hidden = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=_stat_dtype(cdt), device=weight.device) if need_w else None

@@ -285,18 +285,19 @@ def cispo_stats(
 def nonfinite_summary(tensors: Dict[str, Optional[torch.Tensor]], mask: torch.Tensor) -> Optional[str]:
     """Describe NaN/inf among the completion tokens of each [B, T] (or [B, 1]) tensor; None when all are finite.
 
-    Padding positions are ignored: swift fills them with arbitrary values.
+    Padding positions are ignored: swift fills them with arbitrary values. One host sync when all are finite.
     """
+    given = {name: x for name, x in tensors.items() if x is not None}
+    bad = {name: ~torch.isfinite(x.detach()).expand_as(mask) & mask.bool() for name, x in given.items()}
+    if not bad or not torch.stack([b.any() for b in bad.values()]).any():
+        return None
     parts = []
-    for name, x in tensors.items():
-        if x is None:
-            continue
-        bad = ~torch.isfinite(x.detach()).expand_as(mask) & mask.bool()
-        count = int(bad.sum())
+    for name, b in bad.items():
+        count = int(b.sum())
         if count:
-            rows = bad.any(-1).nonzero().flatten().tolist()
+            rows = b.any(-1).nonzero().flatten().tolist()
             parts.append(f'{name}: {count} token(s) in sequence(s) {rows}')
-    return '; '.join(parts) or None
+    return '; '.join(parts)
 
 
 def finalize_stats(sums: Dict[str, float]) -> Dict[str, float]:

@@ -15,11 +15,11 @@ EXTREMA = {'ratio_min': min, 'ratio_max': max}
 def gather_sums(accelerator, stats: Dict[str, torch.Tensor]) -> Dict[str, float]:
     """`loss.cispo_stats` of this rank, summed over all ranks (the extremes reduced by min/max)."""
     keys = [k for k in stats if k not in EXTREMA]
-    summed = accelerator.gather(torch.stack([stats[k] for k in keys]).unsqueeze(0)).sum(0)
-    result = dict(zip(keys, summed.tolist()))
-    extrema = accelerator.gather(torch.stack([stats['ratio_min'], -stats['ratio_max']]).unsqueeze(0))
-    result['ratio_min'] = extrema[:, 0].min().item()
-    result['ratio_max'] = -extrema[:, 1].min().item()
+    local = torch.stack([stats[k] for k in keys] + [stats['ratio_min'], -stats['ratio_max']])
+    gathered = accelerator.gather(local.unsqueeze(0))  # [ranks, keys + 2]: one gather, one host sync
+    values = torch.cat([gathered[:, :-2].sum(0), gathered[:, -2:].min(0).values]).tolist()
+    result = dict(zip(keys, values[:-2]))
+    result['ratio_min'], result['ratio_max'] = values[-2], -values[-1]
     return result
 
 

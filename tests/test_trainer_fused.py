@@ -10,6 +10,7 @@ from swift.rlhf_trainers import GRPOTrainer
 
 from cispo_swift.config import CISPOConfig
 from cispo_swift.fused_head import unsupported_reason
+from cispo_swift.trainer import CISPOGRPOTrainer
 
 
 class _Unwrap(SingleProcessAccelerator):
@@ -162,3 +163,25 @@ def test_three_matmul_path_is_skipped_where_the_loss_is_not_per_token():
         setattr(trainer, attr, saved)
     with torch.no_grad():
         assert not trainer._fused_loss_applies(batch)
+
+
+def test_fused_path_follows_autocast_like_swifts_lm_head():
+    """swift's --fp16/--bf16 run the model under autocast, so its lm_head gives low-precision logits even with
+    float32 weights; the fused head must compute its matmuls in the same dtype (CISPO_FP32_LM_HEAD opts out)."""
+    model = _model()
+    g = torch.Generator().manual_seed(2)
+    input_ids = torch.randint(0, 97, (3, 12), generator=g)
+    coef = torch.randn(3, 7, generator=g)
+    results = {}
+    for name, fn in (
+        ('swift', GRPOTrainer._get_logps_via_local_forward),
+        ('ours', CISPOGRPOTrainer._get_logps_via_local_forward),
+    ):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            results[name] = _run(fn, _trainer(model), model, input_ids, 7, coef)
+    plain = _run(CISPOGRPOTrainer._get_logps_via_local_forward, _trainer(model), model, input_ids, 7, coef)[0]
+    swift, ours = results['swift'][0].float(), results['ours'][0]
+    # Both from bf16 matmuls: ours differs from the float32 head's result, and from swift's only by the rounding of
+    # swift's log-probs, which it returns in bf16 (ours stay float32).
+    assert (ours - plain).abs().max() > 1e-5
+    torch.testing.assert_close(ours, swift, rtol=2**-7, atol=0)

@@ -169,6 +169,9 @@ def convert(gguf_path: Path, out_dir: Path) -> dict:
             f'dense float32 llama with {N_PARAMS}: this transformers version dequantises differently. Use the '
             'pinned set in requirements.lock.'
         )
+    # The ChatML turn end ends generation. transformers 5.19 reads it from the GGUF as the tokenizer's EOS; 5.17 reads
+    # <|im_start|> (id 1), so it is set here rather than trusted.
+    tokenizer.eos_token = '<|im_end|>'
     eos = tokenizer.convert_tokens_to_ids('<|im_end|>')
     if tokenizer.eos_token_id != eos or model.generation_config.eos_token_id != eos:
         raise ModelFetchError(
