@@ -71,7 +71,7 @@ def test_fused_path_with_lora_logs_the_builtin_losses(smollm2, tmp_path):
 
 
 def test_bf16_with_fp32_lm_head_trains_with_finite_losses(smollm2, tmp_path):
-    flags = [*SMOLLM2, *FULL, '--torch_dtype', 'bfloat16']
+    flags = [*SMOLLM2, *FULL, '--torch_dtype', 'bfloat16', '--use_cpu', 'true']  # bf16 on CPU needs --use_cpu
     result = run_swift(smollm2, tmp_path / 'run', *flags, env={'CISPO_FP32_LM_HEAD': '1'})
     check_ok(result)
     assert 'fp32_lm_head=1' in _output(result)

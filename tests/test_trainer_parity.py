@@ -130,3 +130,46 @@ def test_relative_convention_differs_from_absolute():
     torch.testing.assert_close(relative[0], absolute[0], rtol=1e-6, atol=1e-7)
     _, lower = _both(1, cispo=CISPOConfig(clip_mode='relative', eps_low=0.2), epsilon_high=4.0)
     assert not torch.allclose(lower[0], absolute[0])
+
+
+def test_sdar_auxiliary_loss_matches_swift():
+    """SDAR's teacher-distillation term is added after the GA compensation, as swift adds it."""
+
+    def with_teacher(batch):
+        g = torch.Generator().manual_seed(9)
+        batch.teacher_per_token_logps = batch.old_per_token_logps + 0.5 * torch.randn(
+            batch.advantages.shape, generator=g
+        )
+
+    swift_result, ours = _both(2, batch_edit=with_teacher, sdar_loss_coef=0.5, gradient_accumulation_steps=2)
+    _assert_same(swift_result, ours)
+    assert ours[3]._metrics['train']['sdar/coef'] == [0.5]
+    plain = _both(2, gradient_accumulation_steps=2)[1]
+    assert not torch.allclose(plain[0], ours[0])  # the term is there
+
+
+def test_chord_loss_is_applied_where_swift_applies_it(monkeypatch):
+    """CHORD's SFT mix (swift's compute_chord_loss) receives the same GRPO loss from both and its result is returned;
+    a stand-in for it records the input (the real one needs an SFT data iterator)."""
+    import swift.rlhf_trainers.grpo_trainer as swift_module
+
+    import cispo_swift.mirror as mirror_module
+
+    seen = []
+
+    def chord(trainer, grpo_loss):
+        seen.append(grpo_loss.detach().clone())
+        return 0.5 * grpo_loss + 1.0
+
+    monkeypatch.setattr(swift_module, 'compute_chord_loss', chord)
+    monkeypatch.setattr(mirror_module, 'compute_chord_loss', chord)
+    results = []
+    for fn in (swift_loss, our_loss):
+        logits, ids, batch, entropies = make_batch(3)
+        trainer = attach_logps(make_trainer(), logits, ids, entropies)
+        trainer.chord_sft_iterator = iter(())
+        loss, _ = fn(trainer, batch)
+        loss.backward()
+        results.append((loss.detach(), logits.grad.clone()))
+    torch.testing.assert_close(seen[1], seen[0], rtol=1e-6, atol=1e-7)
+    _assert_same(*results)
