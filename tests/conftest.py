@@ -1,3 +1,4 @@
+import logging
 import os
 import sys
 
@@ -23,3 +24,15 @@ def _fresh_warnings():
 
     config._warned.clear()
     yield
+
+
+@pytest.fixture
+def swift_log(caplog):
+    """caplog that also sees swift's logger (it does not propagate to the root logger)."""
+    from swift.utils import get_logger
+
+    logger = get_logger()
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO)
+    yield caplog
+    logger.removeHandler(caplog.handler)

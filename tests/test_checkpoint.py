@@ -1,7 +1,6 @@
 """Resume checks without a run: the trainer compares the CISPO settings saved in a checkpoint with its own."""
 
 import json
-import logging
 
 import pytest
 from stubs import make_trainer
@@ -24,17 +23,6 @@ def _resume(checkpoint, cispo=None, **args):
     trainer = make_trainer(cispo, resume_from_checkpoint=checkpoint, steps_per_generation=1, **args)
     trainer._check_resume()
     return trainer
-
-
-@pytest.fixture
-def swift_log(caplog):
-    from swift.utils import get_logger
-
-    logger = get_logger()
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO)
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def test_same_settings_resume(tmp_path, swift_log):

@@ -22,17 +22,6 @@ ROOT = Path(__file__).resolve().parent.parent
 BAD_INPUTS_DOC = ROOT / 'docs' / 'bad_inputs.md'
 
 
-@pytest.fixture
-def swift_log(caplog):
-    from swift.utils import get_logger
-
-    logger = get_logger()
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO)
-    yield caplog
-    logger.removeHandler(caplog.handler)
-
-
 def _args(**overrides):
     values = dict(rlhf_type='grpo', external_plugins=[], resume_from_checkpoint=None, use_liger_kernel=False)
     values.update(overrides)
