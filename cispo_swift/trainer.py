@@ -784,7 +784,10 @@ def _identity(hidden_states: torch.Tensor) -> torch.Tensor:
 
 def _fp32_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     bias = None if self.bias is None else self.bias.float()
-    return F.linear(hidden_states.float(), self.weight.float(), bias)
+    # Autocast off: with --torch_dtype bfloat16 swift trains under accelerate's bf16 autocast, which would run this
+    # float32 matmul in bf16 again (the FP32 head then changed nothing: tests/test_fp32_head_autocast.py).
+    with torch.autocast(device_type=hidden_states.device.type, enabled=False):
+        return F.linear(hidden_states.float(), self.weight.float(), bias)
 
 
 def _fp32_lm_head(model: torch.nn.Module) -> None:
