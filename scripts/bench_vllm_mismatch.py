@@ -3,8 +3,9 @@
     .venv-vllm/bin/python scripts/bench_vllm_mismatch.py --model DIR [--prompts 32] [--max-tokens 48] [--out FILE.json]
 
 vLLM samples completions (temperature 1) and returns the log-prob of each sampled token ("inference"); the
-transformers model then scores the same tokens as swift's trainer does (logits of a full forward,
-`trl.trainer.utils.selective_log_softmax`: "training"). Over all completion tokens it reports the Pearson
+transformers model then scores the same tokens as swift's trainer does ("training"): a full forward (bf16 models
+wrapped by accelerate's bf16 mixed precision, as swift trains them with --torch_dtype bfloat16: autocast, outputs in
+float32), then `trl.trainer.utils.selective_log_softmax`. Over all completion tokens it reports the Pearson
 correlation of the two token probabilities, the mean and max |Δ log p| and the mean Δ log p (training − inference),
 for these settings:
 
@@ -12,7 +13,8 @@ for these settings:
 |---|---|---|---|
 | bf16 | bf16 | bf16 | bf16 |
 | bf16 + CISPO_FP32_LM_HEAD | bf16 | fp32 (`cispo_swift.trainer._fp32_lm_head`) | bf16 |
-| bf16 + FP32 head both sides | bf16 | fp32 | fp32 (vLLM `hf_overrides={'head_dtype': 'float32'}`) |
+| bf16 + vLLM FP32 head | bf16 | bf16 | fp32 (vLLM `hf_overrides={'head_dtype': 'float32'}`) |
+| bf16 + FP32 head both sides | bf16 | fp32 | fp32 |
 | fp32 | fp32 | fp32 | fp32 |
 
 Each vLLM engine runs in a child process of this script (one per vLLM setting). Prompts: "What is a + b? Answer
@@ -34,6 +36,7 @@ SETTINGS = [
     # name, model dtype, trainer fp32 head, vLLM fp32 head
     ('bf16', 'bfloat16', False, False),
     ('bf16 + CISPO_FP32_LM_HEAD', 'bfloat16', True, False),
+    ('bf16 + vLLM FP32 head', 'bfloat16', False, True),
     ('bf16 + FP32 head both sides', 'bfloat16', True, True),
     ('fp32', 'float32', False, False),
 ]
@@ -117,6 +120,7 @@ def main(argv=None) -> int:
         return 0
 
     import torch
+    from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
 
     from cispo_swift.trainer import _fp32_lm_head
@@ -141,6 +145,8 @@ def main(argv=None) -> int:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, dtype)).eval()
         if trainer_fp32_head:
             _fp32_lm_head(model)
+        if dtype == 'bfloat16':
+            model = Accelerator(mixed_precision='bf16', cpu=True).prepare_model(model)
         train, infer = [], []
         for sample in samples:
             train += training_logps(model, sample)
