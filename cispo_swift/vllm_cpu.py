@@ -54,16 +54,10 @@ TESTED_VLLM = '0.32.0'
 _installed = False
 
 
-def _log(message: str, warning: bool = False) -> None:
-    try:
-        from swift.utils import get_logger
+def _log(message: str) -> None:
+    from swift.utils import get_logger
 
-        logger = get_logger()
-    except ImportError:  # used without swift (scripts/repro_vllm_cpu_weight_sync.py)
-        import logging
-
-        logger = logging.getLogger('cispo_swift')
-    (logger.warning if warning else logger.info)(f'cispo-swift vllm-cpu: {message}')
+    get_logger().info(f'cispo-swift vllm-cpu: {message}')
 
 
 def vllm_installed() -> bool:

@@ -2,7 +2,8 @@
 # Math reasoning RL on Qwen2.5-7B (base model, zero-RL as in MiniMax-M1's Fig. 2) with the accuracy reward on
 # AI-MO/NuminaMath-TIR, one node with 8 GPUs (80 GiB), vLLM generation colocated with training.
 # Needs: pip install -e . (cispo-swift), vllm, deepspeed, math_verify (swift's `accuracy` reward).
-# Not run in this project's CI (no GPU there); tests/test_examples.py checks every flag against swift's parser.
+# Not run in this project's CI (no GPU there); tests/test_examples.py checks every flag against swift's parser, and
+# its CPU twin math_qwen2.5_vllm_colocate_cpu.sh (same flags but the few that cannot work on CPU) runs at tiny scale.
 #
 # Starting point from ScaleRL (arXiv 2510.13786), which found these choices to help at scale:
 #   --epsilon_high 5.0          the absolute cap of the detached weight, w = sg(min(r, 5)) (ScaleRL's ε_max; swift's
