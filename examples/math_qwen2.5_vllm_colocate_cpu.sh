@@ -60,6 +60,7 @@ swift rlhf \
     --vllm_gpu_memory_utilization 0.4 \
     --vllm_tensor_parallel_size 1 \
     --vllm_max_model_len 512 \
+    --vllm_engine_kwargs '{"hf_overrides": {"head_dtype": "float32"}}' \
     --sleep_level 0 \
     --offload_model true \
     --offload_optimizer true \

@@ -103,6 +103,15 @@ def test_lora_colocate_syncs_the_merged_weights(tiny_vllm, tmp_path):
     assert rows[-1]['kl'] > 1e-6  # the LoRA policy left the reference, and vLLM still matches it
 
 
+def test_weight_sync_in_parameter_groups(tiny_vllm, tmp_path):
+    """--move_model_batches 2: swift syncs in groups of layers, one in-place reload per group (the layers of the
+    other groups keep their weights)."""
+    flags = ['--move_model_batches', '2', '--num_iterations', '1', '--log_rollout_offpolicy_metrics', 'true']
+    rows, _ = run(tiny_vllm, tmp_path / 'run', *flags)
+    assert all(abs(r['rollout_correction/log_ppl_abs_diff']) < 1e-5 for r in rows)
+    assert len({r['loss'] for r in rows}) == 4
+
+
 def test_rollout_anchor_sees_the_train_inference_mismatch(tiny_vllm, tmp_path):
     """CISPO_ANCHOR=rollout with one update per batch: bf16 kernels differ between vLLM and the trainer, so r ≠ 1."""
     flags = [*BF16, '--num_iterations', '1', '--log_rollout_offpolicy_metrics', 'true']
