@@ -20,7 +20,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog='python -m cispo_swift', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
     path = sub.add_parser('plugin-path', help='print the absolute path of the file for --external_plugins')
-    path.add_argument('--tasks', action='store_true', help="the synthetic demo tasks' reward plugin instead")
+    which = path.add_mutually_exclusive_group()
+    which.add_argument('--tasks', action='store_true', help="the synthetic demo tasks' reward plugin instead")
+    which.add_argument(
+        '--vllm-cpu', action='store_true', help='the plugin that makes vLLM generation (colocate) train on CPU instead'
+    )
     sub.add_parser('options', help='print the CISPO_* options as a Markdown table')
     sub.add_parser('plot', help='plot swift logging.jsonl of one or more runs: plot RUN_DIR... -o out.png')
     sub.add_parser('summary', help='first-vs-last reward and the CISPO metrics of a run: summary RUN_DIR')
@@ -29,7 +33,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     here = os.path.dirname(os.path.abspath(__file__))
     if args.command == 'plugin-path':
-        print(os.path.join(here, 'demo', 'reward_plugin.py') if args.tasks else os.path.join(here, 'plugin.py'))
+        if args.tasks:
+            print(os.path.join(here, 'demo', 'reward_plugin.py'))
+        elif args.vllm_cpu:
+            print(os.path.join(here, 'vllm_cpu_plugin.py'))
+        else:
+            print(os.path.join(here, 'plugin.py'))
     elif args.command == 'options':
         from cispo_swift.config import options_table
 

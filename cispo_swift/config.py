@@ -85,7 +85,8 @@ class CISPOConfig:
         False,
         "Compute the trainer's LM head (logits) in float32 even when the model runs in bf16 (MiniMax-M1 §3.1: "
         "train/inference probability correlation 0.987 → 0.997; also in ScaleRL's recipe). Use it with bf16 "
-        'models, above all with vLLM generation.',
+        "models, above all with vLLM generation; for vLLM's side pass --vllm_engine_kwargs "
+        '\'{"hf_overrides": {"head_dtype": "float32"}}\'.',
     )
     fused_logps: bool = _opt(
         False,

@@ -2,12 +2,15 @@
 # Math reasoning RL on Qwen2.5-7B (base model, zero-RL as in MiniMax-M1's Fig. 2) with the accuracy reward on
 # AI-MO/NuminaMath-TIR, one node with 8 GPUs (80 GiB), vLLM generation colocated with training.
 # Needs: pip install -e . (cispo-swift), vllm, deepspeed, math_verify (swift's `accuracy` reward).
-# Not run in this project's CI (no GPU there); tests/test_examples.py checks every flag against swift's parser.
+# Not run in this project's CI (no GPU there); tests/test_examples.py checks every flag against swift's parser, and
+# its CPU twin math_qwen2.5_vllm_colocate_cpu.sh (same flags but the few that cannot work on CPU) runs at tiny scale.
 #
 # Starting point from ScaleRL (arXiv 2510.13786), which found these choices to help at scale:
 #   --epsilon_high 5.0          the absolute cap of the detached weight, w = sg(min(r, 5)) (ScaleRL's ε_max; swift's
 #                               convention: the cap itself, not 1 + ε)
 #   CISPO_FP32_LM_HEAD=1        logits in FP32 (MiniMax-M1 §3.1: train/inference probability correlation 0.987→0.997)
+#   --vllm_engine_kwargs ...    vLLM's LM head in FP32 too (hf_overrides head_dtype), the inference side of the same fix;
+#                               together they lowered the mismatch most (docs/vllm_cpu.md)
 #   CISPO_NORM=prompt           prompt-level loss averaging
 #   --scale_rewards batch       advantages normalised by the batch's reward std (swift: group|batch|none|gdpo)
 #   --dynamic_sample true       zero-variance filtering: groups whose rewards are all equal are dropped and new
@@ -50,6 +53,7 @@ swift rlhf \
     --vllm_gpu_memory_utilization 0.4 \
     --vllm_tensor_parallel_size 1 \
     --vllm_max_model_len 5120 \
+    --vllm_engine_kwargs '{"hf_overrides": {"head_dtype": "float32"}}' \
     --sleep_level 1 \
     --offload_model true \
     --offload_optimizer true \
