@@ -338,6 +338,16 @@ class CISPOGRPOTrainer(GRPOTrainer):
             'CISPO_ALLOW_CONFIG_CHANGE=1 (Python API: cispo_swift.configure(..., allow_config_change=True)).'
         )
 
+    def _get_per_token_logps_and_entropies(self, model, model_inputs, grpo_batch, *args, **kwargs):
+        # swift 4.6.0 widens the completion window of a batch holding an empty completion (EOS sampled first) to the
+        # whole sequence and crashes; narrow it back first (cispo_swift/empty_completions.py). Other loss types keep
+        # swift's behaviour.
+        if getattr(self, 'cispo_active', False) and not self.template.padding_free and 'input_ids' in model_inputs:
+            from cispo_swift.empty_completions import narrow_completion_frame
+
+            narrow_completion_frame(grpo_batch, model_inputs['input_ids'].shape[-1])
+        return super()._get_per_token_logps_and_entropies(model, model_inputs, grpo_batch, *args, **kwargs)
+
     # ---- normalisation metadata -------------------------------------------------------------------------------
 
     def _prepare_batch_inputs(self, samples):
