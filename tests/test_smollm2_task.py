@@ -105,9 +105,9 @@ def test_parse_steps():
 @pytest.mark.slow
 def test_heldout_callback_in_swift_matches_the_standalone_evaluation(tiny, tmp_path):
     """`--callbacks cispo_heldout` in a real `swift rlhf` run (tiny model: its accuracy is ~0, the mechanics are
-    tested): it evaluates before training and after the last step, and its step-0 greedy answers are those of
-    `cispo_swift.demo.evaluate` on the same model."""
-    from swift_run import check_ok, run_swift
+    tested): it evaluates at the steps asked for, its step-0 greedy answers are those of `cispo_swift.demo.evaluate`
+    on the same model, and the run trains exactly as without the callback."""
+    from swift_run import check_ok, logged_steps, run_swift
 
     from cispo_swift.demo import evaluate
     from cispo_swift.demo.heldout import read_results
@@ -120,12 +120,18 @@ def test_heldout_callback_in_swift_matches_the_standalone_evaluation(tiny, tmp_p
         'CISPOSWIFT_HELDOUT_STEPS': '0,last',
         'CISPOSWIFT_HELDOUT_MAX_NEW_TOKENS': '6',
     }
-    out = tmp_path / 'run'
-    result = run_swift(tiny, out, '--callbacks', 'cispo_heldout', '--dataset', data['train'],
-                       '--reward_funcs', 'cispo_arith', env=env)  # fmt: skip
+    out, plain = tmp_path / 'run', tmp_path / 'plain'
+    flags = ('--dataset', data['train'], '--reward_funcs', 'cispo_arith')
+    result = run_swift(tiny, out, '--callbacks', 'cispo_heldout', *flags, env=env)
     check_ok(result)
     records = read_results(str(out))
-    assert [r['step'] for r in records] == [0, 4] and all(r['n'] == 16 for r in records)
+    assert [r['step'] for r in records] == [0, 2, 4] and all(r['n'] == 16 for r in records)
+    # The evaluations leave the run's random state alone: the same run without them logs the same steps.
+    check_ok(run_swift(tiny, plain, *flags))
+    with_eval, without = logged_steps(out), logged_steps(plain)
+    assert len(with_eval) == len(without) == 4
+    for a, b in zip(with_eval, without):
+        assert (a['loss'], a['grad_norm'], a.get('reward')) == (b['loss'], b['grad_norm'], b.get('reward'))
     assert 'held-out greedy accuracy at step 0' in result.stdout + result.stderr
     standalone = evaluate.evaluate(tiny['model'], 'add20', 16, max_new_tokens=6)
     assert records[0]['completions'] == [g['completion'] for g in standalone['greedy']]
@@ -170,9 +176,9 @@ def test_plot_and_report_read_the_heldout_evaluations(tmp_path, capsys):
     logged = [{'loss': 0.1, 'reward': r, 'global_step/max_steps': f'{i + 1}/3'} for i, r in enumerate((0.2, 0.4, 0.5))]
     (run / 'logging.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in logged))
     evals = [
-        {'step': s, 'greedy_acc': acc, 'n': 2, 'max_new_tokens': 16, 'problems': ['What is 1 + 2?', 'What is 2 + 2?'],
-         'completions': c}
-        for s, acc, c in ((3, 1.0, ['3', '4']), (0, 0.5, ['3', '5']))
+        {'step': s, 'greedy_acc': sum(r) / 2, 'n': 2, 'max_new_tokens': 16, 'answers': ['3', '4'],
+         'problems': ['What is 1 + 2?', 'What is 2 + 2?'], 'completions': c, 'rewards': r}
+        for s, c, r in ((3, ['3', '4'], [1.0, 1.0]), (0, ['3', '5'], [1.0, 0.0]))
     ]  # fmt: skip
     (run / 'heldout.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in evals))
     rows = plot.load_log(str(tmp_path))
@@ -183,4 +189,7 @@ def test_plot_and_report_read_the_heldout_evaluations(tmp_path, capsys):
     assert heldout.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert 'step    0: 0.500  (1/2)' in out and 'step    3: 1.000  (2/2)' in out
-    assert "1 of 2 greedy answers changed between step 0 and 3:\n  'What is 2 + 2?': '5' -> '4'" in out
+    assert (
+        "step 0 -> 3: 1 problems became right, 0 became wrong\n  became right: 'What is 2 + 2?' (answer 4): '5' -> '4'"
+        in out
+    )

@@ -51,23 +51,38 @@ def generate(
     texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos])
-    torch.manual_seed(seed)
     out: List[List[str]] = []
-    for i in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[i : i + batch_size], return_tensors='pt', padding=True, add_special_tokens=False)
-        kwargs = {'do_sample': False} if temperature == 0 else {'do_sample': True, 'temperature': temperature}
-        if temperature:
-            kwargs.update(top_k=0, top_p=1.0, num_return_sequences=num_return_sequences)
-        with torch.inference_mode():
-            ids = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs)
-        ids = ids[:, batch['input_ids'].shape[1] :].tolist()
-        k = num_return_sequences if temperature else 1
-        for j in range(0, len(ids), k):
-            group = []
-            for seq in ids[j : j + k]:
-                cut = next((t for t, tok in enumerate(seq) if tok in eos_ids), len(seq))
-                group.append(tokenizer.decode(seq[:cut], skip_special_tokens=True))
-            out.append(group)
+    # Sampling draws from a generator seeded here; fork_rng restores the caller's RNG state afterwards, so that an
+    # evaluation inside a training run (cispo_swift.demo.heldout) leaves the run's own sampling unchanged.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in range(0, len(texts), batch_size):
+            chunk = texts[i : i + batch_size]
+            out.extend(
+                _generate_batch(model, tokenizer, chunk, max_new_tokens, temperature, num_return_sequences, eos_ids)
+            )
+    return out
+
+
+def _generate_batch(model, tokenizer, texts, max_new_tokens, temperature, num_return_sequences, eos_ids):
+    """One left-padded batch through ``model.generate``; each prompt's completions cut at their first EOS."""
+    import torch
+
+    batch = tokenizer(texts, return_tensors='pt', padding=True, add_special_tokens=False)
+    kwargs = {'do_sample': False} if temperature == 0 else {'do_sample': True, 'temperature': temperature}
+    if temperature:
+        kwargs.update(top_k=0, top_p=1.0, num_return_sequences=num_return_sequences)
+    with torch.inference_mode():
+        ids = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs)
+    ids = ids[:, batch['input_ids'].shape[1] :].tolist()
+    k = num_return_sequences if temperature else 1
+    out: List[List[str]] = []
+    for j in range(0, len(ids), k):
+        group = []
+        for seq in ids[j : j + k]:
+            cut = next((t for t, tok in enumerate(seq) if tok in eos_ids), len(seq))
+            group.append(tokenizer.decode(seq[:cut], skip_special_tokens=True))
+        out.append(group)
     return out
 
 

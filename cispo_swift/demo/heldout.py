@@ -124,7 +124,9 @@ class HeldoutAccuracy(TrainerCallback):
             'max_new_tokens': self.max_new_tokens,
             'seconds': round(time.time() - t0, 1),
             'problems': [r['messages'][-1]['content'] for r in self.rows],
+            'answers': [r['answer'] for r in self.rows],
             'completions': [c[0] for c in completions],
+            'rewards': scores,
         }
         if state.is_world_process_zero:
             with open(os.path.join(self.args.output_dir, RESULT_FILE), 'a') as f:
@@ -164,19 +166,24 @@ def main(argv=None) -> int:
         prog='python -m cispo_swift.demo.heldout', description='Held-out greedy accuracy of a run, first vs last.'
     )
     p.add_argument('run_dir', help='swift output_dir, vN-* directory or heldout.jsonl')
-    p.add_argument('--examples', type=int, default=6, help='show this many problems whose answer changed')
+    p.add_argument(
+        '--examples', type=int, default=6, help='show this many problems of each kind (became right, became wrong)'
+    )
     a = p.parse_args(argv)
     results = read_results(a.run_dir)
     first, last = results[0], results[-1]
     print(f'held-out greedy accuracy ({first["n"]} problems never trained on, {first["max_new_tokens"]} new tokens):')
     for r in results:
         print(f'  step {r["step"]:>4}: {r["greedy_acc"]:.3f}  ({round(r["greedy_acc"] * r["n"])}/{r["n"]})')
-    if len(results) > 1 and a.examples:
-        changed = [i for i, (x, y) in enumerate(zip(first['completions'], last['completions'])) if x != y]
-        print(f'{len(changed)} of {first["n"]} greedy answers changed between step {first["step"]} and {last["step"]}'
-              + (':' if changed else '.'))  # fmt: skip
-        for i in changed[: a.examples]:
-            print(f'  {last["problems"][i]!r}: {first["completions"][i]!r} -> {last["completions"][i]!r}')
+    if len(results) > 1 and 'rewards' in first and 'rewards' in last:
+        pairs = list(zip(first['rewards'], last['rewards']))
+        fixed = [i for i, (x, y) in enumerate(pairs) if x < y]
+        broken = [i for i, (x, y) in enumerate(pairs) if x > y]
+        print(f'step {first["step"]} -> {last["step"]}: {len(fixed)} problems became right, {len(broken)} became wrong')
+        for label, idx in (('became right', fixed), ('became wrong', broken)):
+            for i in idx[: a.examples]:
+                print(f'  {label}: {last["problems"][i]!r} (answer {last["answers"][i]}): '
+                      f'{first["completions"][i]!r} -> {last["completions"][i]!r}')  # fmt: skip
     return 0
 
 
