@@ -117,7 +117,7 @@ def test_heldout_callback_in_swift_matches_the_standalone_evaluation(tiny, tmp_p
     held.write_text(''.join(json.dumps(r) + '\n' for r in arith.rows('add20', 'heldout', 16)))
     env = {
         'CISPOSWIFT_HELDOUT': str(held),
-        'CISPOSWIFT_HELDOUT_STEPS': '0,last',
+        'CISPOSWIFT_HELDOUT_STEPS': '0,2,last',
         'CISPOSWIFT_HELDOUT_MAX_NEW_TOKENS': '6',
     }
     out, plain = tmp_path / 'run', tmp_path / 'plain'
