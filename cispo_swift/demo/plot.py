@@ -28,6 +28,8 @@ PANELS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ('share of tokens PPO would give no gradient', ('cispo/ppo_zero_grad_frac',)),
     ('grad norm', ('grad_norm',)),
 )
+# Drawn when a run has held-out evaluations (heldout.jsonl beside logging.jsonl: `--callbacks cispo_heldout`).
+HELDOUT_PANEL = ('held-out greedy accuracy', ('heldout/greedy_acc',))
 CISPO_KEYS = tuple(k for title, keys in PANELS[1:4] for k in keys)
 _LINESTYLES = ('-', '--', ':', '-.')
 
@@ -76,6 +78,15 @@ def load_log(run_dir: str) -> List[Dict]:
             continue  # the end-of-training summary
         row['step'] = int(str(row[STEP_KEY]).split('/')[0])
         rows.append(row)
+    # Held-out evaluations (cispo_swift.demo.heldout, `--callbacks cispo_heldout`) as rows of their own.
+    heldout = os.path.join(os.path.dirname(path), 'heldout.jsonl')
+    if os.path.isfile(heldout):
+        with open(heldout) as f:
+            for line in f:
+                if line.strip():
+                    record = json.loads(line)
+                    rows.append({'step': int(record['step']), 'heldout/greedy_acc': float(record['greedy_acc'])})
+        rows.sort(key=lambda r: r['step'])  # stable: logged rows keep their order
     return rows
 
 
@@ -141,11 +152,13 @@ def _smooth(values: List[float], window: int) -> List[float]:
 
 def _panels(runs: Sequence[Sequence[Dict]]) -> List[Tuple[str, Tuple[str, ...]]]:
     """PANELS, with each reward function's mean (``rewards/NAME/mean``) added to the reward panel when there
-    are several (with a single one it repeats ``reward``)."""
+    are several (with a single one it repeats ``reward``), and HELDOUT_PANEL when a run has held-out evaluations."""
     per_func = sorted({k for rows in runs for row in rows for k in row if re.fullmatch(r'rewards/.+/mean', k)})
     panels = list(PANELS)
     if len(per_func) > 1:
         panels[0] = ('reward', ('reward', *per_func))
+    if any(HELDOUT_PANEL[1][0] in row for rows in runs for row in rows):
+        panels.append(HELDOUT_PANEL)
     return panels
 
 
@@ -200,7 +213,10 @@ def plot_runs(
                     style = {'color': colors[j], 'linestyle': _LINESTYLES[j % 4], 'label': key}
                 else:
                     style = {'color': colors[r], 'linestyle': _LINESTYLES[j % 4], 'label': f'{label}: {key}'}
-                ax.plot(steps, _smooth(values, smooth), linewidth=1.4, **style)
+                if key.startswith('heldout/'):  # a few evaluations: points, never smoothed
+                    ax.plot(steps, values, linewidth=1.4, marker='o', **style)
+                else:
+                    ax.plot(steps, _smooth(values, smooth), linewidth=1.4, **style)
         ax.set_title(panel_title)
         ax.set_xlabel('step')
         ax.grid(alpha=0.3)
