@@ -58,12 +58,19 @@ LOSSES: Dict[str, List[str]] = {
     'grpo': ['--loss_type', 'grpo', '--epsilon', '0.2'],
     'dapo': ['--loss_type', 'dapo', '--epsilon', '0.2', '--epsilon_high', '0.28'],
     'cispo': ['--loss_type', 'cispo', '--epsilon_high', '5.0'],
+    # Not in the default comparison (added after it was run): CISPO with the unified mask of MiniMax-M1 eq. 6-7 at
+    # ε = 0.2, which drops the tokens PPO would give zero gradient, i.e. puts a trust region back.
+    'cispo_mask': ['--loss_type', 'cispo', '--epsilon_high', '5.0'],
 }
-PLUGIN_LOSSES = ('cispo',)  # trained with cispo-swift's trainer; the others with stock swift
+DEFAULT_LOSSES = ('grpo', 'dapo', 'cispo')
+LOSS_ENV = {'cispo_mask': {'CISPO_MASK': '1'}}  # the plugin's options, set in the run's environment
+PLUGIN_LOSSES = ('cispo', 'cispo_mask')  # trained with cispo-swift's trainer; the others with stock swift
+_CISPO_METRICS = ('cispo/clip_frac', 'cispo/ppo_zero_grad_frac', 'cispo/ratio_max')
 METRICS = {
     'grpo': ('clip_ratio/region_mean',),
     'dapo': ('clip_ratio/region_mean',),
-    'cispo': ('cispo/clip_frac', 'cispo/ppo_zero_grad_frac', 'cispo/ratio_max'),
+    'cispo': _CISPO_METRICS,
+    'cispo_mask': _CISPO_METRICS,
 }
 
 OFFLINE_ENV = {
@@ -115,10 +122,11 @@ def swift_flags(loss: str, seed: int, model_dir: str, train: str, output_dir: Pa
     ]  # fmt: skip
 
 
-def run_swift(flags: List[str], log_path: Path, heldout: str, max_steps: int) -> Dict[str, float]:
+def run_swift(flags: List[str], log_path: Path, heldout: str, max_steps: int, loss: str) -> Dict[str, float]:
     """One `swift rlhf` process; returns its wall and CPU seconds."""
     swift = str(Path(sys.executable).parent / 'swift')
     env = {k: v for k, v in os.environ.items() if not k.startswith('CISPO_')}
+    env.update(LOSS_ENV.get(loss, {}))
     env.update(OFFLINE_ENV, PYTHONPATH=str(ROOT) + os.pathsep + env.get('PYTHONPATH', ''))
     # Evaluate after steps EVAL_EVERY, 2·EVAL_EVERY, ...; step 0 (the base model) is measured once, not per run.
     steps = ','.join(str(s) for s in range(EVAL_EVERY, max_steps + 1, EVAL_EVERY))
@@ -256,7 +264,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--out', default=str(ROOT / 'runs' / 'bench_smollm2'), help='output directory')
     p.add_argument('--seeds', type=int, nargs='+', default=list(SEEDS))
-    p.add_argument('--losses', nargs='+', default=list(LOSSES), choices=list(LOSSES))
+    p.add_argument('--losses', nargs='+', default=list(DEFAULT_LOSSES), choices=list(LOSSES))
     p.add_argument('--max-steps', type=int, default=MAX_STEPS)
     a = p.parse_args(argv)
     os.environ.update(OFFLINE_ENV)
@@ -296,7 +304,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         'max_completion_length': MAX_COMPLETION_LENGTH,
         'temperature': TEMPERATURE,
         'learning_rate': LEARNING_RATE,
-        'losses': {k: ' '.join(v) for k, v in LOSSES.items() if k in a.losses},
+        'losses': {
+            k: ' '.join(v + [f'{e}={x}' for e, x in LOSS_ENV.get(k, {}).items()])
+            for k, v in LOSSES.items()
+            if k in a.losses
+        },
         'plugin_losses': [k for k in PLUGIN_LOSSES if k in a.losses],
         'swift_flags_example': ' '.join(
             swift_flags(a.losses[0], a.seeds[0], model_dir, paths['train'], out / 'runs' / 'X', a.max_steps)
@@ -313,7 +325,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             for stale in ('heldout.jsonl', 'logging.jsonl'):
                 (run_dir / stale).unlink(missing_ok=True)
             flags = swift_flags(loss, seed, model_dir, paths['train'], run_dir, a.max_steps)
-            cost = run_swift(flags, run_dir / 'train.log', str(heldout), a.max_steps)
+            cost = run_swift(flags, run_dir / 'train.log', str(heldout), a.max_steps, loss)
             from cispo_swift.demo.plot import load_log
 
             rows = [r for r in load_log(str(run_dir)) if 'heldout/greedy_acc' not in r]
