@@ -81,6 +81,15 @@ class CISPOConfig:
         'recipe; keeps long answers from dominating across prompts while weighting tokens equally within one).',
         NORM_MODES,
     )
+    kl_budget: Optional[float] = _opt(
+        None,
+        'KL budget per generation batch: when cispo/approx_kl, the mean k3 estimate of KL(π_old || π_θ) over the '
+        "micro-batch's loss tokens (exact across ranks), exceeds it, that optimizer step and the remaining steps of "
+        'the generation batch are skipped (the optimizer does not step, so Adam and weight decay do not move the '
+        "weights either) until new completions are generated. PPO's target_kl early stop, for --num_iterations > 1 "
+        'or --steps_per_generation > --gradient_accumulation_steps. Unset: never skip. Logged: '
+        'cispo/kl_budget_skipped (fraction of optimizer steps skipped).',
+    )
     fp32_lm_head: bool = _opt(
         False,
         "Compute the trainer's LM head (logits) in float32 even when the model runs in bf16 (MiniMax-M1 §3.1: "
@@ -130,6 +139,11 @@ class CISPOConfig:
             raise ValueError(
                 f'CISPO_EPS_LOW={self.eps_low} is out of range: the lower bound 1 − eps_low must lie in [0, 1], '
                 'so eps_low must be in [0, 1]. Unset it for no lower bound (recommended).'
+            )
+        if self.kl_budget is not None and not (0.0 < self.kl_budget < math.inf):  # NaN fails too
+            raise ValueError(
+                f'CISPO_KL_BUDGET={self.kl_budget} must be a finite number > 0 (a KL in nats, e.g. 0.05), or unset '
+                'for no budget.'
             )
         if not self.fused_chunk_size >= 1:
             raise ValueError(f'CISPO_FUSED_CHUNK_SIZE={self.fused_chunk_size} must be a positive number of tokens.')
@@ -319,6 +333,12 @@ def check_run(args, cfg: CISPOConfig) -> Resolved:
             f'CISPO_NORM={cfg.norm} needs every sequence of the generation batch on its rank; sequence parallelism '
             'splits them. Use CISPO_NORM=token with --sequence_parallel_size > 1.'
         )
+    if cfg.kl_budget is not None and getattr(args, 'deepspeed', None):
+        raise ValueError(
+            f'CISPO_KL_BUDGET={cfg.kl_budget} with --deepspeed: DeepSpeed steps its optimizer inside its own engine, '
+            'where the budget cannot skip a step. Unset CISPO_KL_BUDGET under DeepSpeed (CISPO_MASK=1 bounds the '
+            'drift per token instead).'
+        )
     level = args.importance_sampling_level
     if level not in ('token', 'sequence', 'sequence_token'):
         raise ValueError(
@@ -355,11 +375,24 @@ def ineffective_settings(args, cfg: CISPOConfig) -> List[str]:
             unused.append(
                 f'{_env_name(name)}={getattr(cfg, name)} has no effect without CISPO_MASK=1 (the unified mask is off).'
             )
+    if cfg.kl_budget is not None and _on_policy_only(args):
+        unused.append(
+            f'CISPO_KL_BUDGET={cfg.kl_budget} has no effect: with --num_iterations 1 and --steps_per_generation equal '
+            'to --gradient_accumulation_steps every optimizer step is on-policy (approx_kl 0), so no step is skipped.'
+        )
     if not cfg.fused_logps and cfg.fused_chunk_size != default.fused_chunk_size:
         unused.append(f'CISPO_FUSED_CHUNK_SIZE={cfg.fused_chunk_size} has no effect without CISPO_FUSED_LOGPS=1.')
     if cfg.allow_config_change and not getattr(args, 'resume_from_checkpoint', None):
         unused.append('CISPO_ALLOW_CONFIG_CHANGE=1 has no effect without --resume_from_checkpoint.')
     return unused
+
+
+def _on_policy_only(args) -> bool:
+    """Every optimizer step on completions of the current policy: one use of each generation batch, one step."""
+    iterations = getattr(args, 'num_iterations', 1) or 1
+    accumulation = getattr(args, 'gradient_accumulation_steps', 1) or 1
+    per_generation = getattr(args, 'steps_per_generation', None) or accumulation
+    return iterations == 1 and per_generation <= accumulation
 
 
 def warn_unused_options(loss_type) -> None:

@@ -244,6 +244,7 @@ def cispo_stats(
     upper: Optional[float],
     ppo_epsilon: float,
     kl: Optional[torch.Tensor] = None,
+    token_log_ratio: Optional[torch.Tensor] = None,
 ) -> Dict[str, torch.Tensor]:
     """Per-rank sums for the diagnostics, to be added across ranks before dividing (exact global means).
 
@@ -252,8 +253,14 @@ def cispo_stats(
     give zero gradient and CISPO keeps); `ratio_sum`, `weight_sum`; `kl_sum` when a per-token `kl` [B, T] is given;
     and `ratio_min`, `ratio_max` (±inf when the rank has no token). Ratios are computed in float64, so up to
     exp(709) they are reported exactly. Values at masked-out positions are never read.
+
+    `approx_kl_sum`: the k3 estimate (r − 1) − log r of KL(π_anchor || π_θ) per token, summed: the drift of the
+    policy from the one that sampled (PPO implementations log its mean as approx_kl). It uses the per-token
+    `token_log_ratio` [B, T] when given (a sequence-level `log_ratio` is one value per sequence), else `log_ratio`.
     """
     mask = mask.bool()
+    token_lr = log_ratio if token_log_ratio is None else token_log_ratio
+    token_lr = torch.where(mask, token_lr.detach().double().expand_as(mask), 0.0)
     log_ratio = torch.where(mask, log_ratio.detach().double().expand_as(mask), 0.0)
     advantages = torch.where(mask, advantages.detach().expand_as(mask), 0.0)
     ratio = torch.exp(log_ratio)
@@ -275,6 +282,7 @@ def cispo_stats(
         'clipped_pos': (clipped & pos).sum().double(),
         'clipped_neg': (clipped & neg).sum().double(),
         'ppo_zero_grad': zero_grad.sum().double(),
+        'approx_kl_sum': torch.where(mask, torch.expm1(token_lr) - token_lr, 0.0).sum(),
         'ratio_sum': torch.where(mask, ratio, 0.0).sum(),
         'weight_sum': torch.where(mask, weight, 0.0).sum(),
         'ratio_min': torch.where(mask, ratio, inf).min() if mask.numel() else inf,
@@ -315,6 +323,7 @@ def finalize_stats(sums: Dict[str, float]) -> Dict[str, float]:
         'ratio_min': sums['ratio_min'],
         'ratio_max': sums['ratio_max'],
         'weight_mean': sums['weight_sum'] / n,
+        'approx_kl': sums['approx_kl_sum'] / n,
         **({'kl': sums['kl_sum'] / n} if 'kl_sum' in sums else {}),
     }
 
@@ -328,4 +337,5 @@ METRIC_KEYS = (
     'ratio_min',
     'ratio_max',
     'weight_mean',
+    'approx_kl',
 )

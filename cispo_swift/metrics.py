@@ -57,3 +57,43 @@ class Recorder:
         for key, value in self.extrema[mode].items():
             logs[f'{prefix}cispo/{key}'] = value
         self.extrema[mode].clear()
+
+
+class KLBudget:
+    """CISPO_KL_BUDGET: skip the optimizer steps of a generation batch once the policy has drifted past the budget.
+
+    `observe` sees the rank-summed stats of every training micro-batch (identical on all ranks, so every rank takes
+    the same decision); once the mean approx_kl of one exceeds the budget, the batch is spent: the optimizer step it
+    belongs to and every later one until `new_batch` (new completions) are skipped. `gate` wraps the optimizer's
+    `step` (the accelerate wrapper the training loop calls), so a skipped step leaves the weights and Adam's state
+    as they were, and records `cispo/kl_budget_skipped` (1 or 0 per optimizer step) in swift's metric bucket.
+    """
+
+    def __init__(self, budget: float):
+        self.budget = budget
+        self.spent = False
+        self.skip_pending = False
+        self._gated = None
+
+    def new_batch(self) -> None:
+        self.spent = False
+
+    def observe(self, sums: Dict[str, float]) -> None:
+        if sums['tokens'] > 0 and not sums['approx_kl_sum'] / sums['tokens'] <= self.budget:  # NaN spends it too
+            self.spent = True
+        if self.spent:
+            self.skip_pending = True
+
+    def gate(self, optimizer, metrics: Dict[str, Dict]) -> None:
+        """Wrap `optimizer.step` once; `metrics` is swift's `_metrics` ({mode: bucket})."""
+        if optimizer is None or self._gated is optimizer:
+            return
+        inner = optimizer.step
+
+        def step(*args, **kwargs):
+            skip, self.skip_pending = self.skip_pending, False
+            metrics['train']['cispo/kl_budget_skipped'].append(float(skip))
+            return None if skip else inner(*args, **kwargs)
+
+        optimizer.step = step
+        self._gated = optimizer

@@ -33,6 +33,7 @@ class CISPOGRPOTrainer(GRPOTrainer):
 
     cispo_active = False  # set in _prepare_algorithm_params, which swift's __init__ calls first
     cispo_fused = False
+    cispo_budget: Optional[M.KLBudget] = None
 
     # ---- set-up ---------------------------------------------------------------------------------------------
 
@@ -55,6 +56,8 @@ class CISPOGRPOTrainer(GRPOTrainer):
             beta=beta if beta != 0.0 and not self.kl_in_reward else 0.0,  # swift's condition for the KL term
         )
         self.cispo_recorder = M.Recorder()
+        if cfg.kl_budget is not None:
+            self.cispo_budget = M.KLBudget(cfg.kl_budget)
         C.check_launch(self.args)
 
     def __init__(self, *args, **kwargs):
@@ -95,7 +98,8 @@ class CISPOGRPOTrainer(GRPOTrainer):
             f'cispo-swift: CISPO loss active: w = sg({weight}) [{cfg.clip_mode}], norm={cfg.norm}, '
             f'anchor={cfg.anchor}, unified_mask={mask}, is_level={self.importance_sampling_level}, beta={self.beta}, '
             f'fp32_lm_head={int(cfg.fp32_lm_head)}, fused_logps={int(self.cispo_fused)}, '
-            f'ppo_epsilon(metric)={self.epsilon_low}'
+            f'kl_budget={"off" if cfg.kl_budget is None else f"{cfg.kl_budget:g}"}, '
+            f'check_finite={int(cfg.check_finite)}, ppo_epsilon(metric)={self.epsilon_low}'
         )
         note = self.cispo_resolved.default_note
         return f'{line}. {note}' if note else line
@@ -156,6 +160,19 @@ class CISPOGRPOTrainer(GRPOTrainer):
             norm.attach_group_counts(self, samples, batches)
         return batches
 
+    # ---- the KL budget (CISPO_KL_BUDGET) ----------------------------------------------------------------------
+
+    def _generate_and_score_completions(self, inputs):
+        # A new generation batch: its completions come from the current policy, so the budget starts again.
+        if self.cispo_budget is not None and self.model.training:
+            self.cispo_budget.new_batch()
+        return super()._generate_and_score_completions(inputs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.cispo_budget is not None:
+            self.cispo_budget.gate(self.optimizer, self._metrics)
+        return super().training_step(model, inputs, num_items_in_batch)
+
     # ---- the loss ---------------------------------------------------------------------------------------------
 
     def _compute_loss_and_metrics(self, model, model_inputs: Dict[str, Any], grpo_batch: GRPOBatch):
@@ -170,15 +187,25 @@ class CISPOGRPOTrainer(GRPOTrainer):
         if log_ratio is None:
             log_ratio = step.logps.detach().reshape(-1) - step.tokens.anchor
         kl = None if self.cispo_objective.beta == 0.0 else L.k3_kl(grpo_batch.ref_per_token_logps, step.logps.detach())
+        token_log_ratio = step.logps.detach().float() - step.tokens.anchor.view_as(step.mask).float()
         stats = L.cispo_stats(
-            log_ratio.view_as(step.mask), grpo_batch.advantages, step.mask, *self._bounds, self.epsilon_low, kl
+            log_ratio.view_as(step.mask),
+            grpo_batch.advantages,
+            step.mask,
+            *self._bounds,
+            self.epsilon_low,
+            kl,
+            token_log_ratio=token_log_ratio,
         )
+        sums = M.gather_sums(self.accelerator, stats)
+        if self.cispo_budget is not None and mode == 'train':
+            self.cispo_budget.observe(sums)
         metrics_data = {
             'mode': mode,
             'entropy': step.entropy_metrics,
             'completion_mask': step.mask,
             'completion_token_count': step.mask.sum().clamp(min=1.0),
-            'cispo_sums': M.gather_sums(self.accelerator, stats),
+            'cispo_sums': sums,
         }
         if kl is not None:
             metrics_data['kl'] = mirror.kl_metric(self, kl, step.mask)

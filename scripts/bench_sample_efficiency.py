@@ -23,12 +23,14 @@ import contextlib
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
+
+from cispo_swift.demo import bench
+from cispo_swift.demo.bench import finite_json, median_iqr, quantile, rank_test, versions
 
 # ---- fixed before the benchmark was run. Pilot: seed 1000 (not in SEEDS), 48 steps, all three losses, to check
 # that runs finish, in-process runs log the same losses as `swift rlhf` subprocesses, and the time per run. ----
@@ -79,13 +81,7 @@ METRICS = {
 COMMON_METRICS = ('entropy/mean', 'grad_norm')
 
 ROOT = Path(__file__).resolve().parents[1]
-OFFLINE_ENV = {
-    'MODELSCOPE_OFFLINE': '1',
-    'HF_HUB_OFFLINE': '1',
-    'TOKENIZERS_PARALLELISM': 'false',
-    'OMP_NUM_THREADS': '1',  # tiny model; extra threads spin against other jobs on a shared machine
-    'CUDA_VISIBLE_DEVICES': '',
-}
+OFFLINE_ENV = bench.OFFLINE_ENV
 
 
 def swift_flags(loss: str, seed: int, paths: Dict[str, str], output_dir: Path, max_steps: int) -> List[str]:
@@ -226,24 +222,6 @@ def steps_to_threshold(curve: Sequence[Sequence[float]], threshold: float, windo
     return None
 
 
-def quantile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated quantile (numpy's default) where censored runs are +inf, ranked after every observed
-    value. All runs are censored at the same step, so a quantile below the share of censored runs is exact; one
-    that touches a censored run is +inf, reported as '> max_steps'."""
-    xs = sorted(values)
-    pos = q * (len(xs) - 1)
-    lo, hi = math.floor(pos), math.ceil(pos)
-    if lo == hi:
-        return xs[lo]
-    if math.isinf(xs[hi]):
-        return math.inf
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def _median_iqr(values: Sequence[float]) -> Dict[str, float]:
-    return {'median': quantile(values, 0.5), 'q25': quantile(values, 0.25), 'q75': quantile(values, 0.75)}
-
-
 def summarize_run(rows: Sequence[Dict], loss: str) -> Dict:
     curve = reward_curve(rows)
     rewards = [v for _, v in curve]
@@ -280,26 +258,14 @@ def summarize_loss(runs: Sequence[Dict]) -> Dict:
         'n': len(runs),
         'reached': sum(r['steps_to_threshold'] is not None for r in runs),
         'reached_secondary': sum(r['steps_to_secondary'] is not None for r in runs),
-        'steps_to_threshold': _median_iqr(censored_steps(runs)),
-        'steps_to_secondary': _median_iqr(censored_steps(runs, 'steps_to_secondary')),
-        'reward_final': _median_iqr([r['reward_final'] for r in runs]),
-        'metrics': {k: _median_iqr([r['metrics'][k] for r in runs if k in r['metrics']]) for k in metric_keys},
+        'steps_to_threshold': median_iqr(censored_steps(runs)),
+        'steps_to_secondary': median_iqr(censored_steps(runs, 'steps_to_secondary')),
+        'reward_final': median_iqr([r['reward_final'] for r in runs]),
+        'metrics': {k: median_iqr([r['metrics'][k] for r in runs if k in r['metrics']]) for k in metric_keys},
         'metrics_learning': {
-            k: _median_iqr([r['metrics_learning'][k] for r in runs if k in r['metrics_learning']]) for k in metric_keys
+            k: median_iqr([r['metrics_learning'][k] for r in runs if k in r['metrics_learning']]) for k in metric_keys
         },
     }
-
-
-def rank_test(a: Sequence[float], b: Sequence[float]) -> Dict:
-    """Two-sided Mann-Whitney U of steps to threshold (censored = +inf, tied among themselves; with one common
-    censoring step this is Gehan's test). Descriptive: 8 seeds a side, no correction for the comparisons made."""
-    from scipy.stats import mannwhitneyu
-
-    big = 10.0 * MAX_STEPS  # finite stand-in for +inf: only the ranks matter
-    x = [big if math.isinf(v) else v for v in a]
-    y = [big if math.isinf(v) else v for v in b]
-    res = mannwhitneyu(x, y, alternative='two-sided')
-    return {'U': float(res.statistic), 'p': float(res.pvalue)}
 
 
 # ---- output -----------------------------------------------------------------------------------------------------
@@ -443,21 +409,6 @@ def initial_policy_stats(model_dir: str, rows: Sequence[Dict], n: int = 256) -> 
     }
 
 
-def versions() -> Dict[str, str]:
-    from importlib.metadata import version
-
-    out = {'python': platform.python_version(), 'platform': platform.platform(), 'cpus': str(os.cpu_count())}
-    for pkg in ('ms-swift', 'torch', 'transformers', 'trl', 'peft', 'accelerate', 'datasets'):
-        out[pkg] = version(pkg)
-    try:
-        out['cispo-swift git'] = subprocess.run(
-            ['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return out
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--out', default=str(ROOT / 'runs' / 'bench_sample_efficiency'), help='output directory')
@@ -547,7 +498,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     results['wall_s'] = round(time.time() - t_start, 1)
 
     table = markdown_table(summary, a.max_steps)
-    (out / 'results.json').write_text(json.dumps(_finite(results), indent=1))
+    (out / 'results.json').write_text(json.dumps(finite_json(results), indent=1))
     md = [
         f'# Sample efficiency: steps to reward {THRESHOLD} on the rare-token task',
         '',
@@ -586,17 +537,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f'\nwall time {results["wall_s"]:.0f} s; wrote {out / "results.json"}, {out / "results.md"}, '
           f'{out / "sample_efficiency.png"}')  # fmt: skip
     return 0
-
-
-def _finite(o):
-    """`o` with +-inf (censored runs) as the string 'inf': JSON has no infinity."""
-    if isinstance(o, float) and math.isinf(o):
-        return 'inf' if o > 0 else '-inf'
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
-    return o
 
 
 if __name__ == '__main__':

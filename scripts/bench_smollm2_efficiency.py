@@ -11,8 +11,9 @@ batch. The `cispo_heldout` callback (cispo_swift/demo/heldout.py) greedy-decodes
     PYTHONPATH=. python scripts/bench_smollm2_efficiency.py [--out runs/bench_smollm2] [--seeds 0 1 2] [--losses ...]
 
 writes OUT/results.json, OUT/results.md and OUT/smollm2_efficiency.png, and one swift output directory per run under
-OUT/runs/LOSS/seedN/ (logging.jsonl, heldout.jsonl, train.log). Each run is its own `swift rlhf` process; CPU time is
-the process's user + system time (the machine is shared, so wall time says little).
+OUT/runs/LOSS/seedN/ (logging.jsonl, heldout.jsonl, train.log, run.json). A run with a run.json is finished and
+skipped, so an interrupted benchmark continues where it stopped (cispo_swift/demo/bench.py). Each run is its own
+`swift rlhf` process; CPU time is the process's user + system time (the machine is shared, so wall time says little).
 """
 
 from __future__ import annotations
@@ -21,16 +22,14 @@ import argparse
 import json
 import math
 import os
-import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'scripts'))
-from bench_sample_efficiency import _median_iqr, quantile, versions  # noqa: E402  (same statistics, same style)
+from cispo_swift.demo import bench
+from cispo_swift.demo.bench import median_iqr, quantile, versions
+
+ROOT = bench.ROOT
 
 # ---- fixed before the comparison was run. Pilot (not counted): seed 1000, grpo and cispo, 8 steps, to check that runs
 # finish and the cost: about 150 s CPU for 8 steps with one evaluation, so 9 runs of 32 steps fit in ~90 min of CPU.
@@ -73,13 +72,7 @@ METRICS = {
     'cispo_mask': _CISPO_METRICS,
 }
 
-OFFLINE_ENV = {
-    'MODELSCOPE_OFFLINE': '1',
-    'HF_HUB_OFFLINE': '1',
-    'TOKENIZERS_PARALLELISM': 'false',
-    'OMP_NUM_THREADS': '1',  # one thread: on a shared 2-core machine more threads spin against other jobs
-    'CUDA_VISIBLE_DEVICES': '',
-}
+OFFLINE_ENV = bench.OFFLINE_ENV
 
 
 def swift_flags(loss: str, seed: int, model_dir: str, train: str, output_dir: Path, max_steps: int) -> List[str]:
@@ -122,25 +115,14 @@ def swift_flags(loss: str, seed: int, model_dir: str, train: str, output_dir: Pa
     ]  # fmt: skip
 
 
-def run_swift(flags: List[str], log_path: Path, heldout: str, max_steps: int, loss: str) -> Dict[str, float]:
-    """One `swift rlhf` process; returns its wall and CPU seconds."""
-    swift = str(Path(sys.executable).parent / 'swift')
-    env = {k: v for k, v in os.environ.items() if not k.startswith('CISPO_')}
-    env.update(LOSS_ENV.get(loss, {}))
-    env.update(OFFLINE_ENV, PYTHONPATH=str(ROOT) + os.pathsep + env.get('PYTHONPATH', ''))
+def run_swift(flags: List[str], run_dir: Path, heldout: str, max_steps: int, loss: str) -> Dict[str, float]:
+    """One `swift rlhf` process (bench.run_swift) with the loss's environment and the held-out evaluation steps."""
     # Evaluate after steps EVAL_EVERY, 2·EVAL_EVERY, ...; step 0 (the base model) is measured once, not per run.
     steps = ','.join(str(s) for s in range(EVAL_EVERY, max_steps + 1, EVAL_EVERY))
+    env = dict(LOSS_ENV.get(loss, {}))
     env.update(CISPOSWIFT_HELDOUT=heldout, CISPOSWIFT_HELDOUT_STEPS=steps,
                CISPOSWIFT_HELDOUT_MAX_NEW_TOKENS=str(MAX_COMPLETION_LENGTH))  # fmt: skip
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.time()
-    with open(log_path, 'w') as f:
-        proc = subprocess.run([swift, 'rlhf', *flags], env=env, stdout=f, stderr=subprocess.STDOUT)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode != 0:
-        raise RuntimeError(f'swift rlhf exited with {proc.returncode}; log: {log_path}')
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {'wall_s': round(time.time() - t0, 1), 'cpu_s': round(cpu, 1)}
+    return bench.run_swift(flags, run_dir, env)
 
 
 # ---- summarising ------------------------------------------------------------------------------------------------
@@ -184,9 +166,9 @@ def summarize_loss(runs: Sequence[Dict]) -> Dict:
     return {
         'n': len(runs),
         'reached': sum(r['steps_to_threshold'] is not None for r in runs),
-        'steps_to_threshold': _median_iqr(steps),
+        'steps_to_threshold': median_iqr(steps),
         'accuracy_by_step': {s: {'median': quantile(v, 0.5), 'min': min(v), 'max': max(v)} for s, v in by_step.items()},
-        'accuracy_final': _median_iqr([r['accuracy_final'] for r in runs]),
+        'accuracy_final': median_iqr([r['accuracy_final'] for r in runs]),
         'metrics': {
             k: quantile([r['metrics'][k] for r in runs if k in r['metrics']], 0.5)
             for k in sorted({k for r in runs for k in r['metrics']})
@@ -266,6 +248,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--seeds', type=int, nargs='+', default=list(SEEDS))
     p.add_argument('--losses', nargs='+', default=list(DEFAULT_LOSSES), choices=list(LOSSES))
     p.add_argument('--max-steps', type=int, default=MAX_STEPS)
+    p.add_argument('--parallel', type=int, default=1, help='runs at a time, one torch thread each')
     a = p.parse_args(argv)
     os.environ.update(OFFLINE_ENV)
     t_start = time.time()
@@ -318,27 +301,37 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     results: Dict = {'conditions': conditions, 'runs': {}}
     # Interleave the losses seed by seed, so that load from other jobs on the machine hits all losses alike.
-    for seed in a.seeds:
-        for loss in a.losses:
-            run_dir = out / 'runs' / loss / f'seed{seed}'
-            run_dir.mkdir(parents=True, exist_ok=True)
-            for stale in ('heldout.jsonl', 'logging.jsonl'):
-                (run_dir / stale).unlink(missing_ok=True)
-            flags = swift_flags(loss, seed, model_dir, paths['train'], run_dir, a.max_steps)
-            cost = run_swift(flags, run_dir / 'train.log', str(heldout), a.max_steps, loss)
-            from cispo_swift.demo.plot import load_log
+    jobs = [
+        {'loss': loss, 'seed': seed, 'run_dir': str(out / 'runs' / loss / f'seed{seed}')}
+        for seed in a.seeds
+        for loss in a.losses
+    ]
 
-            rows = [r for r in load_log(str(run_dir)) if 'heldout/greedy_acc' not in r]
-            records = [json.loads(x) for x in (run_dir / 'heldout.jsonl').read_text().splitlines() if x.strip()]
-            s = summarize_run(rows, records, base_acc, loss)
-            s.update(seed=seed, **cost)
-            results['runs'].setdefault(loss, []).append(s)
-            curve = ' '.join(f'{st}:{acc:.3f}' for st, acc in s['accuracy_curve'])
-            print(
-                f'{loss:>6} seed {seed}: held-out accuracy by step {curve}; steps to threshold '
-                f'{s["steps_to_threshold"]}; {cost["cpu_s"]:.0f} s CPU, {cost["wall_s"]:.0f} s wall',
-                flush=True,
-            )
+    def run_one(job: Dict) -> Dict:
+        from cispo_swift.demo.plot import load_log
+
+        run_dir, loss, seed = Path(job['run_dir']), job['loss'], job['seed']
+        for stale in ('heldout.jsonl', 'logging.jsonl'):
+            (run_dir / stale).unlink(missing_ok=True)
+        flags = swift_flags(loss, seed, model_dir, paths['train'], run_dir, a.max_steps)
+        cost = run_swift(flags, run_dir, str(heldout), a.max_steps, loss)
+        rows = [r for r in load_log(str(run_dir)) if 'heldout/greedy_acc' not in r]
+        records = [json.loads(x) for x in (run_dir / 'heldout.jsonl').read_text().splitlines() if x.strip()]
+        s = summarize_run(rows, records, base_acc, loss)
+        s.update(seed=seed, **cost)
+        curve = ' '.join(f'{st}:{acc:.3f}' for st, acc in s['accuracy_curve'])
+        print(
+            f'{loss:>6} seed {seed}: held-out accuracy by step {curve}; steps to threshold '
+            f'{s["steps_to_threshold"]}; {cost["cpu_s"]:.0f} s CPU, {cost["wall_s"]:.0f} s wall',
+            flush=True,
+        )
+        return s
+
+    # Finished runs (run.json in their directory) are kept and skipped: an interrupted benchmark continues.
+    for job, record in zip(jobs, bench.run_all(jobs, run_one, a.parallel)):
+        if 'failed' in record:
+            raise SystemExit(f'{job["run_dir"]}: {record["failed"]}')
+        results['runs'].setdefault(job['loss'], []).append(record)
 
     summary = {loss: summarize_loss(runs) for loss, runs in results['runs'].items()}
     results['summary'] = summary
@@ -346,7 +339,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     results['cpu_s_runs'] = round(sum(r['cpu_s'] for runs in results['runs'].values() for r in runs), 1)
     table = markdown_table(summary, base_acc)
     seeds_table = per_seed_table(results['runs'])
-    (out / 'results.json').write_text(json.dumps(_finite(results), indent=1))
+    (out / 'results.json').write_text(json.dumps(bench.finite_json(results), indent=1))
     md = [
         '# Sample efficiency on SmolLM2-135M-Instruct (a + b): held-out greedy accuracy vs steps',
         '',
@@ -377,16 +370,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f'CPU {results["cpu_s_runs"]:.0f} s in runs, wall {results["wall_s"]:.0f} s; wrote {out / "results.json"}, '
           f'{out / "results.md"}, {out / "smollm2_efficiency.png"}')  # fmt: skip
     return 0
-
-
-def _finite(o):
-    if isinstance(o, float) and math.isinf(o):
-        return 'inf' if o > 0 else '-inf'
-    if isinstance(o, dict):
-        return {str(k): _finite(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
-    return o
 
 
 if __name__ == '__main__':

@@ -55,4 +55,42 @@ def test_summaries_of_runs():
     assert s['steps_to_threshold'] == {'median': 25, 'q25': 25, 'q75': math.inf}
     table = bench.markdown_table({'grpo': s}, max_steps=40)
     assert '| grpo | 2/3 | 25 [25, >40] |' in table
-    assert bench._finite({'a': [math.inf, 1.0]}) == {'a': ['inf', 1.0]}
+    assert bench.finite_json({'a': [math.inf, 1.0]}) == {'a': ['inf', 1.0]}
+
+
+def test_shared_rank_test_against_a_brute_force_count_and_scipy():
+    from scipy.stats import mannwhitneyu
+
+    from cispo_swift.demo import bench as harness
+
+    a, b = [0.61, 0.55, 0.7, 0.4, 0.66], [0.1, 0.45, 0.2, 0.05, 0.3]
+    t = harness.rank_test(a, b)
+    assert t['U'] == 24.0  # every pair but (0.4, 0.45) has a > b
+    # Exact: 2 of the 252 splits give |U − 12.5| ≥ 11.5 with U = 24 or more, 2 with U = 1 or less.
+    assert t['p'] == pytest.approx(4 / 252)
+    assert t['p'] == pytest.approx(mannwhitneyu(a, b, method='exact').pvalue)
+    tied = harness.rank_test([math.inf, math.inf, 3.0], [math.inf, 1.0, 2.0])  # censored runs tie among themselves
+    assert tied['U'] == 7.0  # 2 · 0.5 (inf vs inf) + 4 (inf vs 1, 2) + 2 (3 vs 1, 2)
+    big = harness.rank_test(list(range(15)), [x + 0.5 for x in range(15)])
+    assert big['method'] == 'normal approximation' and 0.5 < big['p'] <= 1.0
+
+
+def test_longest_run_and_run_loop_skips_finished_and_records_failures(tmp_path):
+    from cispo_swift.demo import bench as harness
+
+    assert harness.longest_run([1, 0, 0, 0, 1, 0, 0], lambda v: v == 0) == 3
+    assert harness.longest_run([], lambda v: True) == 0
+    calls = []
+
+    def run_one(job):
+        calls.append(job['name'])
+        if job['name'] == 'bad':
+            raise RuntimeError('swift rlhf exited with 1')
+        return {'value': job['name']}
+
+    jobs = [{'name': n, 'run_dir': str(tmp_path / n)} for n in ('a', 'bad', 'c')]
+    first = harness.run_all(jobs, run_one, parallel=2)
+    assert first[0] == {'value': 'a'} and first[2] == {'value': 'c'}
+    assert first[1] == {'failed': 'RuntimeError: swift rlhf exited with 1'}
+    again = harness.run_all(jobs, run_one)
+    assert again == first and sorted(calls) == ['a', 'bad', 'c']  # nothing ran twice

@@ -90,6 +90,10 @@ BAD_INPUTS = [
      "CISPO_FUSED_CHUNK_SIZE='inf' is not an integer"),
     ('CISPO_FUSED_CHUNK_SIZE=256 without CISPO_FUSED_LOGPS=1', {'CISPO_FUSED_CHUNK_SIZE': '256'}, {}, 'warning',
      'CISPO_FUSED_CHUNK_SIZE=256 has no effect without CISPO_FUSED_LOGPS=1'),
+    ('CISPO_KL_BUDGET=0', {'CISPO_KL_BUDGET': '0'}, {}, 'refused', 'CISPO_KL_BUDGET=0.0 must be a finite number > 0'),
+    ('CISPO_KL_BUDGET=nan', {'CISPO_KL_BUDGET': 'nan'}, {}, 'refused', "CISPO_KL_BUDGET='nan': NaN is not a valid"),
+    ('CISPO_KL_BUDGET=0.1 with --num_iterations 1', {'CISPO_KL_BUDGET': '0.1'}, {'num_iterations': 1}, 'warning',
+     'CISPO_KL_BUDGET=0.1 has no effect'),
     ('CISPO_ANCHOR=rollout without vLLM', {'CISPO_ANCHOR': 'rollout'}, {}, 'refused', 'Use --use_vllm true'),
     ('CISPO_ALLOW_CONFIG_CHANGE=1 without a resume', {'CISPO_ALLOW_CONFIG_CHANGE': '1'}, {}, 'warning',
      'CISPO_ALLOW_CONFIG_CHANGE=1 has no effect without --resume_from_checkpoint'),
@@ -175,6 +179,7 @@ _OPTIONS = {
     'CISPO_NORM': st.sampled_from(['token', 'sequence', 'prompt', 'tokens']),
     'CISPO_FUSED_CHUNK_SIZE': st.sampled_from(['1', '7', '512', '0', '-3', 'inf', '2.5']),
     'CISPO_CHECK_FINITE': st.sampled_from(['0', '1']),
+    'CISPO_KL_BUDGET': _NUMBERS,
     'CISPO_NROM': st.just('token'),
 }
 
