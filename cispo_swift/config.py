@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Set
 
@@ -163,11 +164,14 @@ class CISPOConfig:
         """Options from `CISPO_*` variables, then `overrides` (keyword arguments win). Unknown variables fail."""
         environ = os.environ if environ is None else environ
         valid = {_env_name(f.name): f for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in valid)
+        # Environment names are case-sensitive: `cispo_norm` would be ignored, so any casing of the prefix counts.
+        unknown = sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k not in valid)
         if unknown:
+            hints = [f'{k} → {k.upper()}' for k in unknown if k.upper() in valid]
+            hint = f' Variable names are upper case: {", ".join(hints)}.' if hints else ''
             raise ValueError(
-                f'Unknown CISPO option variable(s): {", ".join(unknown)}. Valid ones: {", ".join(sorted(valid))}. '
-                'Check the spelling (see the options table in the cispo-swift README).'
+                f'Unknown CISPO option variable(s): {", ".join(unknown)}.{hint} Valid ones: '
+                f'{", ".join(sorted(valid))}. Check the spelling (see the options table in the cispo-swift README).'
             )
         kwargs = {f.name: _parse(name, environ[name], f) for name, f in valid.items() if name in environ}
         bad = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
@@ -184,31 +188,47 @@ def _env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
 
+_FLOAT = re.compile(r'[+-]?((\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|inf|infinity)', re.IGNORECASE)
+_INT = re.compile(r'[+-]?\d+')
+_TRUE, _FALSE = ('1', 'true', 'yes', 'on'), ('0', 'false', 'no', 'off')
+
+
 def _parse(env_name: str, raw: str, f: dataclasses.Field):
+    """One `CISPO_*` value. One rule for every option: an empty value is refused (unset the variable for the
+    default); numbers are plain decimal literals (no `1_0`, no hex), NaN is refused, and a finite literal beyond
+    the float range (1e309) is refused rather than read as inf."""
     text = raw.strip()
     kind = f.type if isinstance(f.type, str) else getattr(f.type, '__name__', str(f.type))
+    default = 'unset' if f.default is None else int(f.default) if isinstance(f.default, bool) else f.default
+    if not text:
+        raise ValueError(
+            f'{env_name} is set but empty: an empty value is not a setting. Unset the variable for the default '
+            f'({default}), or give a value. {f.metadata["help"]}'
+        )
     if 'bool' in kind:
         lowered = text.lower()
-        if lowered in ('1', 'true', 'yes', 'on'):
+        if lowered in _TRUE:
             return True
-        if lowered in ('0', 'false', 'no', 'off', ''):
+        if lowered in _FALSE:
             return False
         raise ValueError(f'{env_name}={raw!r} is not a boolean: use 1/0 (or true/false).')
     if 'float' in kind:
-        if 'Optional' in kind and text.lower() in ('', 'none'):
+        if 'Optional' in kind and text.lower() == 'none':
             return None
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError(f'{env_name}={raw!r} is not a number. {f.metadata["help"]}') from None
-        if math.isnan(value):
+        if text.lower() == 'nan':
             raise ValueError(f'{env_name}={raw!r}: NaN is not a valid setting. {f.metadata["help"]}')
+        if not _FLOAT.fullmatch(text):
+            raise ValueError(f'{env_name}={raw!r} is not a number. {f.metadata["help"]}')
+        value = float(text)
+        if math.isinf(value) and 'inf' not in text.lower():
+            raise ValueError(
+                f'{env_name}={raw!r} is beyond the float range and would read as inf; write inf if that is meant.'
+            )
         return value
     if 'int' in kind:
-        try:
-            return int(text)
-        except ValueError:
-            raise ValueError(f'{env_name}={raw!r} is not an integer. {f.metadata["help"]}') from None
+        if not _INT.fullmatch(text):
+            raise ValueError(f'{env_name}={raw!r} is not an integer. {f.metadata["help"]}')
+        return int(text)
     return text
 
 
@@ -317,6 +337,7 @@ def check_run(args, cfg: CISPOConfig) -> Resolved:
         value = getattr(args, flag, None)
         if isinstance(value, float) and math.isnan(value):
             raise ValueError(f'--{flag} nan: NaN is not a valid setting; it would make the loss or its metrics NaN.')
+    check_swift_ranges(args)
     resolved = resolve_weight(args, cfg)
     if getattr(args, 'use_liger_kernel', False):
         raise ValueError(
@@ -351,9 +372,89 @@ def check_run(args, cfg: CISPOConfig) -> Resolved:
             'token-sum normalisation then weighs a sequence by its length. CISPO_NORM=sequence gives every sequence '
             'the same weight (GSPO averages per sequence).'
         )
-    for message in ineffective_settings(args, cfg):
+    for message in ineffective_settings(args, cfg) + notable_settings(args, resolved):
         warn_once(message)
     return resolved
+
+
+# swift flags whose values swift accepts but that make a CISPO run meaningless: (flag, test, what it must be, why).
+_RANGES = (
+    ('beta', lambda v: 0.0 <= v < math.inf, 'a finite number ≥ 0 (0: no KL term)',
+     'inf makes every loss 0 and every gradient NaN, so the weights never move; a negative β rewards drifting from '
+     'the reference model'),
+    ('epsilon', lambda v: 0.0 <= v < math.inf, 'a finite number ≥ 0 (e.g. 0.2)',
+     "it is the PPO ε of the cispo/ppo_zero_grad_frac metric (and of swift's other losses); a negative ε counts "
+     'every token as clipped'),
+    ('temperature', lambda v: 0.0 < v < math.inf, 'a finite number > 0 (e.g. 1.0, or 0.7)',
+     'sampling divides the logits by it (0: division by zero, NaN log-probs at the first step; negative: the '
+     'least likely tokens are sampled), and the trainer scores the completions at the same temperature'),
+    ('top_entropy_quantile', lambda v: 0.0 <= v <= 1.0, 'a number in [0, 1] (1.0: every token)',
+     'it is the quantile of token entropies above which tokens are kept in the loss'),
+)  # fmt: skip
+
+
+def effective_settings(args, cfg: CISPOConfig, resolved: Resolved) -> Dict[str, Any]:
+    """Everything that determines a CISPO run's loss and its checks: the options plus the swift flags that enter it.
+    Written to `cispo_config.json` (run directory and every checkpoint) and compared on resume."""
+    return {
+        **cfg.to_dict(),
+        'epsilon_high': resolved.eps_high,
+        'weight_lower': resolved.lower,
+        'weight_upper': resolved.upper,
+        'ppo_epsilon_for_metrics': args.epsilon,
+        'importance_sampling_level': args.importance_sampling_level,
+        'beta': args.beta,
+        'loss_type': 'cispo',
+    }
+
+
+def summary_line(settings: Mapping[str, Any], fused_active: Optional[bool] = None) -> str:
+    """The "CISPO loss active" log line: every setting of `effective_settings` that changes the run.
+    `fused_active`: whether the fused log-prob path really runs (None: as requested)."""
+    s = settings
+    lo, hi = s['weight_lower'], s['weight_upper']
+    weight = f'min(r, {hi})' if s['clip_mode'] == 'absolute' else f'clip(r, {"-inf" if lo is None else lo}, {hi})'
+    mask = f'{"on" if s["mask"] else "off"} (eps {s["mask_eps_low"]:g}/{s["mask_eps_high"]:g})'
+    fused = int(s['fused_logps'] if fused_active is None else fused_active)
+    chunk = f' (chunk {s["fused_chunk_size"]})'
+    budget = 'off' if s['kl_budget'] is None else f'{s["kl_budget"]:g}'
+    eps_low = 'unset' if s['eps_low'] is None else f'{s["eps_low"]:g}'
+    return (
+        f'cispo-swift: CISPO loss active: w = sg({weight}) [{s["clip_mode"]}, eps_low {eps_low}], norm={s["norm"]}, '
+        f'anchor={s["anchor"]}, unified_mask={mask}, is_level={s["importance_sampling_level"]}, beta={s["beta"]}, '
+        f'fp32_lm_head={int(s["fp32_lm_head"])}, fused_logps={fused}{chunk}, kl_budget={budget}, '
+        f'check_finite={int(s["check_finite"])}, allow_config_change={int(s["allow_config_change"])}, '
+        f'ppo_epsilon(metric)={s["ppo_epsilon_for_metrics"]}'
+    )
+
+
+def check_swift_ranges(args) -> None:
+    """Refuse swift flag values that swift accepts but that cannot give a meaningful CISPO run (ValueError)."""
+    for flag, ok, must, why in _RANGES:
+        value = getattr(args, flag, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(float(value)):
+            raise ValueError(f'--{flag} {value} with --loss_type cispo: it must be {must}; {why}.')
+    iterations = getattr(args, 'num_iterations', 1)
+    if isinstance(iterations, int) and iterations < 1:
+        raise ValueError(
+            f'--num_iterations {iterations}: it must be an integer ≥ 1 (the optimizer steps per generation batch); '
+            'with 0 the run loads the model and ends after 0 steps. Use 1 for on-policy training.'
+        )
+    per_generation = getattr(args, 'steps_per_generation', None)
+    if isinstance(per_generation, int) and per_generation < 1:
+        raise ValueError(f'--steps_per_generation {per_generation}: it must be an integer ≥ 1 (or unset).')
+
+
+def notable_settings(args, resolved: Resolved) -> List[str]:
+    """Warnings for legitimate values whose effect a user may not expect."""
+    notes = []
+    if resolved.upper is not None and math.isinf(resolved.upper):
+        notes.append(
+            '--epsilon_high inf: no cap on the CISPO weight r = π_θ/π_old (any value beyond 1.8e308, e.g. 1e309, '
+            'reads as inf too). A token whose log-ratio passes 88.7 overflows float32; with CISPO_CHECK_FINITE=1 '
+            'the run then stops naming the step. Set a finite cap, e.g. --epsilon_high 5.0, unless this is meant.'
+        )
+    return notes
 
 
 def ineffective_settings(args, cfg: CISPOConfig) -> List[str]:

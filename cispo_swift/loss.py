@@ -117,8 +117,16 @@ def per_token_loss(
     return loss
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """`x` in float32 when its dtype is narrower (bf16, fp16); float32 and float64 pass unchanged. Differentiable."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def k3_kl(ref_logps: torch.Tensor, logps: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(π_θ || π_ref) = exp(ref − θ) − (ref − θ) − 1, with swift's bounds. [B, T]."""
+    """Per-token k3 estimate of KL(π_θ || π_ref) = exp(ref − θ) − (ref − θ) − 1, with swift's bounds. [B, T].
+
+    Computed in float32 at least (the gradient flows back to `logps` in its own dtype)."""
+    ref_logps, logps = at_least_float32(ref_logps), at_least_float32(logps)
     log_ratio = torch.clamp(ref_logps - logps, min=-_KL_LOG_RATIO_BOUND, max=_KL_LOG_RATIO_BOUND)
     return torch.clamp(torch.exp(log_ratio) - log_ratio - 1, min=-_KL_VALUE_BOUND, max=_KL_VALUE_BOUND)
 
@@ -218,7 +226,12 @@ def cispo_objective(logps: torch.Tensor, tokens: TokenInputs, objective: Objecti
     masked-out position (padding, filtered completions) reaches neither the loss nor any gradient.
     """
     keep = tokens.loss_mask
-    log_ratio = logps.detach() - tokens.anchor if tokens.log_ratio is None else tokens.log_ratio
+    # Formed in float32 at least whatever the model's dtype: in bf16 the difference of two log-probs near −10 keeps
+    # only 2-3 significant digits.
+    if tokens.log_ratio is None:
+        log_ratio = at_least_float32(logps.detach()) - at_least_float32(tokens.anchor)
+    else:
+        log_ratio = at_least_float32(tokens.log_ratio)
     log_ratio = torch.where(keep, log_ratio, 0.0)
     advantages = torch.where(keep, tokens.advantages, 0.0)
     weight = importance_weight(log_ratio, objective.lower, objective.upper)  # sg(clip(r))

@@ -64,16 +64,15 @@ class KLBudget:
 
     `observe` sees the rank-summed stats of every training micro-batch (identical on all ranks, so every rank takes
     the same decision); once the mean approx_kl of one exceeds the budget, the batch is spent: the optimizer step it
-    belongs to and every later one until `new_batch` (new completions) are skipped. `gate` wraps the optimizer's
-    `step` (the accelerate wrapper the training loop calls), so a skipped step leaves the weights and Adam's state
-    as they were, and records `cispo/kl_budget_skipped` (1 or 0 per optimizer step) in swift's metric bucket.
+    belongs to and every later one until `new_batch` (new completions) are skipped. The trainer asks `take_skip` at
+    each optimizer step (it wraps the optimizer's `step`), so a skipped step leaves the weights and Adam's state as
+    they were; `take_skip` records `cispo/kl_budget_skipped` (1 or 0 per optimizer step) in swift's metric bucket.
     """
 
     def __init__(self, budget: float):
         self.budget = budget
         self.spent = False
         self.skip_pending = False
-        self._gated = None
 
     def new_batch(self) -> None:
         self.spent = False
@@ -84,16 +83,8 @@ class KLBudget:
         if self.spent:
             self.skip_pending = True
 
-    def gate(self, optimizer, metrics: Dict[str, Dict]) -> None:
-        """Wrap `optimizer.step` once; `metrics` is swift's `_metrics` ({mode: bucket})."""
-        if optimizer is None or self._gated is optimizer:
-            return
-        inner = optimizer.step
-
-        def step(*args, **kwargs):
-            skip, self.skip_pending = self.skip_pending, False
-            metrics['train']['cispo/kl_budget_skipped'].append(float(skip))
-            return None if skip else inner(*args, **kwargs)
-
-        optimizer.step = step
-        self._gated = optimizer
+    def take_skip(self, metrics: Dict[str, Dict]) -> bool:
+        """Whether the optimizer step now due is skipped; `metrics` is swift's `_metrics` ({mode: bucket})."""
+        skip, self.skip_pending = self.skip_pending, False
+        metrics['train']['cispo/kl_budget_skipped'].append(float(skip))
+        return skip

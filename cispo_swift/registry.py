@@ -72,8 +72,16 @@ def validate_parsed_args(args) -> None:
         config.check_loss_type(args.loss_type)
         config.warn_unused_options(args.loss_type)
         return
-    config.check_run(args, config.current_config())
-    resume.check_checkpoint_path(args.resume_from_checkpoint)
+    cfg = config.current_config()
+    resolved = config.check_run(args, cfg)
+    checkpoint = args.resume_from_checkpoint
+    resume.check_checkpoint_path(checkpoint)
+    saved = resume.saved_settings(checkpoint)
+    if saved is not None:  # the trainer compares again at start; here a change is refused before the model loads
+        from swift.utils import get_logger
+
+        current = config.effective_settings(args, cfg, resolved)
+        resume.compare_settings(checkpoint, saved, current, cfg.allow_config_change, get_logger())
 
 
 def swift_args_being_parsed():

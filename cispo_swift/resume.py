@@ -80,10 +80,21 @@ def warn_if_mid_generation(checkpoint: str, every: int, gradient_accumulation_st
 
 def saved_settings(checkpoint) -> Optional[Dict[str, Any]]:
     """The settings saved in `checkpoint`, None when there is no checkpoint directory or no settings file."""
-    if not isinstance(checkpoint, str) or not os.path.isfile(os.path.join(checkpoint, CONFIG_FILE)):
+    path = os.path.join(checkpoint, CONFIG_FILE) if isinstance(checkpoint, str) else None
+    if path is None or not os.path.isfile(path):
         return None
-    with open(os.path.join(checkpoint, CONFIG_FILE)) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f'{path} cannot be read as the CISPO settings of this checkpoint ({type(error).__name__}: {error}): the '
+            'file is damaged. Restore it (every checkpoint-N and the run directory hold a copy), or delete it to '
+            'resume without checking the settings (a warning then says so).'
+        ) from None
+    if not isinstance(saved, dict):
+        raise ValueError(f'{path} holds {type(saved).__name__}, not the settings object cispo-swift writes: damaged.')
+    return saved
 
 
 def compare_settings(checkpoint: str, saved: Dict[str, Any], current: Dict[str, Any], allow_change: bool, log):

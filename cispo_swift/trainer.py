@@ -79,28 +79,10 @@ class CISPOGRPOTrainer(GRPOTrainer):
 
     def cispo_effective_settings(self) -> Dict[str, Any]:
         """Everything that determines the CISPO loss: the options plus the swift flags that enter it."""
-        return {
-            **self.cispo_config.to_dict(),
-            'epsilon_high': self.epsilon_high,
-            'weight_lower': self.cispo_resolved.lower,
-            'weight_upper': self.cispo_resolved.upper,
-            'ppo_epsilon_for_metrics': self.epsilon_low,
-            'importance_sampling_level': self.importance_sampling_level,
-            'beta': self.beta,
-            'loss_type': 'cispo',
-        }
+        return C.effective_settings(self.args, self.cispo_config, self.cispo_resolved)
 
     def _cispo_summary(self) -> str:
-        cfg, (lo, hi) = self.cispo_config, (self.cispo_resolved.lower, self.cispo_resolved.upper)
-        weight = f'min(r, {hi})' if cfg.clip_mode == 'absolute' else f'clip(r, {"-inf" if lo is None else lo}, {hi})'
-        mask = f'on (eps {cfg.mask_eps_low:g}/{cfg.mask_eps_high:g})' if cfg.mask else 'off'
-        line = (
-            f'cispo-swift: CISPO loss active: w = sg({weight}) [{cfg.clip_mode}], norm={cfg.norm}, '
-            f'anchor={cfg.anchor}, unified_mask={mask}, is_level={self.importance_sampling_level}, beta={self.beta}, '
-            f'fp32_lm_head={int(cfg.fp32_lm_head)}, fused_logps={int(self.cispo_fused)}, '
-            f'kl_budget={"off" if cfg.kl_budget is None else f"{cfg.kl_budget:g}"}, '
-            f'check_finite={int(cfg.check_finite)}, ppo_epsilon(metric)={self.epsilon_low}'
-        )
+        line = C.summary_line(self.cispo_effective_settings(), fused_active=self.cispo_fused)
         note = self.cispo_resolved.default_note
         return f'{line}. {note}' if note else line
 
@@ -169,9 +151,40 @@ class CISPOGRPOTrainer(GRPOTrainer):
         return super()._generate_and_score_completions(inputs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self.cispo_budget is not None:
-            self.cispo_budget.gate(self.optimizer, self._metrics)
+        if self.cispo_active:
+            self._gate_optimizer_step()
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def _gate_optimizer_step(self):
+        """Wrap the optimizer's `step` (the accelerate wrapper the training loop calls) once: a step the KL budget
+        skips does not run at all; with CISPO_CHECK_FINITE a non-finite gradient stops the run before the update.
+        Under DeepSpeed the engine steps inside its backward (the budget is refused there at start)."""
+        optimizer = self.optimizer
+        if optimizer is None or getattr(self, '_cispo_gated', None) is optimizer:
+            return
+        inner = optimizer.step
+
+        def step(*args, **kwargs):
+            if self.cispo_budget is not None and self.cispo_budget.take_skip(self._metrics):
+                return None
+            if self.cispo_config.check_finite:
+                self._check_finite_gradients()
+            return inner(*args, **kwargs)
+
+        optimizer.step = step
+        self._cispo_gated = optimizer
+
+    def _check_finite_gradients(self):
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            bad = sum(int(not torch.isfinite(g).all()) for g in grads)
+            raise FloatingPointError(
+                f'Non-finite gradient at global step {self.state.global_step} (rank {self.accelerator.process_index}): '
+                f'{bad} of {len(grads)} parameter gradients hold NaN/inf although the loss was finite; training stops '
+                'before the optimizer step. Usual causes: fp16 overflow in the backward pass (use bf16 or float32), an '
+                'exploding learning rate (lower --learning_rate, keep --max_grad_norm). CISPO_CHECK_FINITE=0 turns '
+                'this check off.'
+            )
 
     # ---- the loss ---------------------------------------------------------------------------------------------
 
@@ -183,6 +196,8 @@ class CISPOGRPOTrainer(GRPOTrainer):
         if self.cispo_config.check_finite:  # before backward and the optimizer step
             self._check_finite(step, grpo_batch)
         loss = mirror.auxiliary_losses(self, step.loss, step.logps, step.mask, grpo_batch, mode)
+        if self.cispo_config.check_finite and not bool(torch.isfinite(loss.detach()).all()):
+            self._raise_nonfinite_loss(step, loss)
         log_ratio = step.tokens.log_ratio
         if log_ratio is None:
             log_ratio = step.logps.detach().reshape(-1) - step.tokens.anchor
@@ -305,9 +320,34 @@ class CISPOGRPOTrainer(GRPOTrainer):
                 f'Non-finite values at global step {self.state.global_step} (rank {self.accelerator.process_index}, '
                 f'sequence indices within this micro-batch): {problem}. The loss would be NaN; training stops before '
                 'the optimizer step. Usual causes: an exploding learning rate or grad norm (lower --learning_rate, '
-                'set --max_grad_norm), fp16 overflow (use bf16), or a reward function returning NaN/inf. '
+                'set --max_grad_norm), fp16 overflow (use bf16), a temperature that is not a finite number > 0, or a '
+                'reward function returning inf (NaN rewards are not a cause: swift sums them as 0, its "not '
+                'applicable"). '
                 'CISPO_CHECK_FINITE=0 turns this check off.'
             )
+
+    def _raise_nonfinite_loss(self, step: _Step, loss: torch.Tensor):
+        """The loss is NaN/inf although every input was finite: say which step and why."""
+        mask = step.mask.bool()
+        log_ratio = step.logps.detach().float() - step.tokens.anchor.view_as(step.mask).float()
+        largest = float(torch.where(mask, log_ratio, -torch.inf).max()) if mask.any() else float('nan')
+        upper = self.cispo_resolved.upper
+        if (upper is None or upper == float('inf')) and largest > 88.7:
+            cause = (
+                f'the importance weight r = exp({largest:.1f}) overflowed float32: --epsilon_high inf sets no cap. '
+                'Set a finite cap (e.g. --epsilon_high 5.0), or lower --learning_rate / --num_iterations so the policy '
+                'drifts less from π_old.'
+            )
+        else:
+            cause = (
+                f'the largest log-ratio is {largest:.3g} (weight cap {upper}), beta {self.cispo_objective.beta}; '
+                'usual causes: an exploding learning rate or grad norm, fp16 overflow (use bf16 or float32).'
+            )
+        raise FloatingPointError(
+            f'Non-finite loss ({float(loss.detach()):g}) at global step {self.state.global_step} (rank '
+            f'{self.accelerator.process_index}) from finite inputs: {cause} Training stops before the optimizer step. '
+            'CISPO_CHECK_FINITE=0 turns this check off.'
+        )
 
     def _compute_loss_chunked(self, model, model_inputs, grpo_batch, origin_data=None):
         if not self.cispo_active:

@@ -96,7 +96,9 @@ def test_unset_epsilon_high_uses_cap_five_not_swifts_epsilon():
     assert (trainer.cispo_resolved.lower, trainer.cispo_resolved.upper) == (None, 5.0)
     note = trainer.cispo_resolved.default_note
     assert 'instead of swift' in note and '0.2' in note
-    assert trainer._cispo_summary().startswith('cispo-swift: CISPO loss active: w = sg(min(r, 5.0)) [absolute]')
+    assert trainer._cispo_summary().startswith(
+        'cispo-swift: CISPO loss active: w = sg(min(r, 5.0)) [absolute, eps_low unset]'
+    )
 
 
 def test_unset_epsilon_high_relative_mode_gives_the_same_cap():

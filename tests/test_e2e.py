@@ -32,7 +32,7 @@ def test_plugin_logs_the_same_losses_as_builtin_cispo(tiny, tmp_path):
     check_ok(ours)
     builtin = run_swift(tiny, tmp_path / 'builtin', plugin=False)
     check_ok(builtin)
-    assert 'cispo-swift: CISPO loss active: w = sg(min(r, 5.0)) [absolute]' in ours.stdout + ours.stderr
+    assert 'cispo-swift: CISPO loss active: w = sg(min(r, 5.0)) [absolute, eps_low unset]' in ours.stdout + ours.stderr
     ours_rows, builtin_rows = logged_steps(tmp_path / 'ours'), logged_steps(tmp_path / 'builtin')
     _same_losses(ours_rows, builtin_rows)
     # num_iterations 2: the second pass over a batch is off-policy, so the ratio moved away from 1.

@@ -48,45 +48,34 @@ def test_approx_kl_is_zero_on_policy_and_uses_the_token_ratio_at_sequence_level(
     assert stats['approx_kl_sum'].item() == pytest.approx(_reference_approx_kl(token, mask) * 6, rel=1e-12)
 
 
-class _Optimizer:
-    def __init__(self):
-        self.steps = 0
-
-    def step(self):
-        self.steps += 1
-
-
 def _sums(kl, tokens=10.0):
     return {'approx_kl_sum': kl * tokens, 'tokens': tokens}
 
 
+def _steps(budget, events):
+    """Drive the budget as the trainer does: 'new' = new completions, a number = a micro-batch's approx_kl followed
+    by its optimizer step. Returns which steps ran and the logged metric."""
+    metrics = {'train': {'cispo/kl_budget_skipped': []}}
+    ran = []
+    for event in events:
+        if event == 'new':
+            budget.new_batch()
+            continue
+        budget.observe(event if isinstance(event, dict) else _sums(event))
+        ran.append(not budget.take_skip(metrics))
+    return ran, metrics['train']['cispo/kl_budget_skipped']
+
+
 def test_budget_skips_from_the_step_that_spends_it_until_new_completions():
-    budget, opt, metrics = KLBudget(0.05), _Optimizer(), {'train': {'cispo/kl_budget_skipped': []}}
-    budget.gate(opt, metrics)
-    budget.gate(opt, metrics)  # wrapped once only
-    budget.new_batch()
-    for kl in (0.0, 0.04):  # on-policy, then inside the budget: both steps taken
-        budget.observe(_sums(kl))
-        opt.step()
-    budget.observe(_sums(0.06))  # over: skipped
-    opt.step()
-    budget.observe(_sums(0.01))  # back under, but the batch is spent: skipped
-    opt.step()
-    budget.new_batch()
-    budget.observe(_sums(0.0))
-    opt.step()
-    assert opt.steps == 3
-    assert metrics['train']['cispo/kl_budget_skipped'] == [0.0, 0.0, 1.0, 1.0, 0.0]
+    # on-policy, inside the budget, over it (skipped), back under but the batch is spent (skipped), new batch.
+    ran, logged = _steps(KLBudget(0.05), ['new', 0.0, 0.04, 0.06, 0.01, 'new', 0.0])
+    assert ran == [True, True, False, False, True]
+    assert logged == [0.0, 0.0, 1.0, 1.0, 0.0]
 
 
 def test_budget_treats_nan_drift_as_spent_and_ignores_empty_micro_batches():
-    budget, opt, metrics = KLBudget(0.05), _Optimizer(), {'train': {'cispo/kl_budget_skipped': []}}
-    budget.gate(opt, metrics)
-    budget.observe({'approx_kl_sum': 0.0, 'tokens': 0.0})
-    opt.step()
-    budget.observe(_sums(float('nan')))
-    opt.step()
-    assert opt.steps == 1 and metrics['train']['cispo/kl_budget_skipped'] == [0.0, 1.0]
+    ran, logged = _steps(KLBudget(0.05), [{'approx_kl_sum': 0.0, 'tokens': 0.0}, float('nan')])
+    assert ran == [True, False] and logged == [0.0, 1.0]
 
 
 @pytest.mark.parametrize('raw', ['0', '-0.1', 'nan', 'inf', '-inf', 'abc'])

