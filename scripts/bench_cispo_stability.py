@@ -66,10 +66,16 @@ ARMS: Dict[str, List[str]] = {
     'cispo': ['--loss_type', 'cispo', '--epsilon_high', '5.0'],
     'cispo_kl': ['--loss_type', 'cispo', '--epsilon_high', '5.0'],
     'cispo_mask': ['--loss_type', 'cispo', '--epsilon_high', '5.0'],
+    'cispo_mask_loose': ['--loss_type', 'cispo', '--epsilon_high', '5.0'],
 }
-ARM_ENV = {'cispo_kl': {'CISPO_KL_BUDGET': KL_BUDGET}, 'cispo_mask': {'CISPO_MASK': '1'}}
+ARM_ENV = {
+    'cispo_kl': {'CISPO_KL_BUDGET': KL_BUDGET},
+    'cispo_mask': {'CISPO_MASK': '1'},
+    # Drops only the tokens of rewarded completions whose probability has more than doubled since sampling.
+    'cispo_mask_loose': {'CISPO_MASK': '1', 'CISPO_MASK_EPS_HIGH': '1.0', 'CISPO_MASK_EPS_LOW': '1.0'},
+}
 DEFAULT_ARMS = ('grpo', 'cispo', 'cispo_kl')
-PLUGIN_ARMS = ('cispo', 'cispo_kl', 'cispo_mask')
+PLUGIN_ARMS = ('cispo', 'cispo_kl', 'cispo_mask', 'cispo_mask_loose')
 METRICS = (
     'cispo/approx_kl',
     'cispo/ratio_max',

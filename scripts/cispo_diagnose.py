@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 CAP = 5.0
+DEGRADED = 0.10
 GROW = 2.0
 P_OLD_BINS = ((0.0, 0.1), (0.1, 0.5), (0.5, 1.01))
 POSITION_BINS = ((0, 4), (4, 8), (8, 1 << 30))
@@ -99,8 +100,12 @@ def analyse_run(run_dir: Path, tokenizer) -> Optional[Dict]:
     steps = [step_stats(r) for r in records]
     reward = dict((int(s), v) for s, v in run['reward_curve'])
     first_zero = next((s for s, v in sorted(reward.items()) if v == 0.0 and run['collapsed']), None)
+    base, final = run['accuracy_curve'][0][1], run['accuracy_curve'][-1][1]
     return {
         'run': str(run_dir),
+        # Post-hoc label (the pre-registered "collapsed" fires on one all-wrong batch of 16 and so on most runs):
+        # the run ended with held-out accuracy more than DEGRADED below the base model's.
+        'degraded': final < base - DEGRADED,
         'collapsed': run['collapsed'],
         'accuracy_curve': run['accuracy_curve'],
         'reward_curve': run['reward_curve'],
@@ -112,18 +117,18 @@ def analyse_run(run_dir: Path, tokenizer) -> Optional[Dict]:
 
 
 def early_warning(runs: Sequence[Dict], key: str, upto: int) -> Dict:
-    """The largest logged value of `key` within the first `upto` steps, collapsed runs against healthy ones, and
-    whether a threshold separates them (every collapsed run above every healthy one)."""
+    """The largest logged value of `key` within the first `upto` steps, degraded runs against the others, and
+    whether a threshold separates them (every degraded run above every other)."""
     collapsed, healthy = [], []
     for r in runs:
         series = [v for s, v in r['metrics'].get(key, []) if s <= upto and math.isfinite(v)]
         if series:
-            (collapsed if r['collapsed'] else healthy).append(max(series))
+            (collapsed if r['degraded'] else healthy).append(max(series))
     separates = bool(collapsed and healthy and min(collapsed) > max(healthy))
     return {
         'key': key,
         'upto_step': upto,
-        'collapsed': sorted(collapsed),
+        'degraded': sorted(collapsed),
         'healthy': sorted(healthy),
         'separates': separates,
         'threshold': (min(collapsed) + max(healthy)) / 2 if separates else None,
@@ -144,16 +149,16 @@ def plot(analyses: Dict[str, List[Dict]], png: Path) -> None:
             for r in runs:
                 xs, ys = zip(*r['metrics'].get(key, [[0, math.nan]]))
                 style = '-' if regime == 'reuse' else '--'
-                ax.plot(xs, ys, style, color='C3' if r['collapsed'] else 'C0', alpha=0.6, linewidth=1)
+                ax.plot(xs, ys, style, color='C3' if r['degraded'] else 'C0', alpha=0.6, linewidth=1)
         ax.set_yscale('log')
-        ax.set_title(f'{label}: red collapsed, blue not; solid reuse, dashed minibatch', fontsize='small')
+        ax.set_title(f'{label}: red: ended > 0.1 below base; solid reuse, dashed minibatch', fontsize='small')
         ax.set_xlabel('optimizer step')
     ax = axes[0][2]
     for regime, runs in analyses.items():
         for r in runs:
             xs = [s['step'] for s in r['steps']]
             style = '-' if regime == 'reuse' else '--'
-            ax.plot(xs, [s['grad_share_capped'] for s in r['steps']], style, color='C3' if r['collapsed'] else 'C0',
+            ax.plot(xs, [s['grad_share_capped'] for s in r['steps']], style, color='C3' if r['degraded'] else 'C0',
                     alpha=0.6, linewidth=1)  # fmt: skip
     ax.set_title('share of the gradient on capped tokens (r > 5)', fontsize='small')
     ax.set_xlabel('optimizer step')
@@ -161,7 +166,7 @@ def plot(analyses: Dict[str, List[Dict]], png: Path) -> None:
     ax = axes[1][0]
     for r in reuse:
         xs, ys = zip(*r['reward_curve'])
-        ax.plot(xs, ys, color='C3' if r['collapsed'] else 'C0', alpha=0.6)
+        ax.plot(xs, ys, color='C3' if r['degraded'] else 'C0', alpha=0.6)
     ax.set_title('reuse: training reward', fontsize='small')
     ax.set_xlabel('optimizer step')
     ax = axes[1][1]
@@ -169,7 +174,7 @@ def plot(analyses: Dict[str, List[Dict]], png: Path) -> None:
     p_old = [0] * len(P_OLD_BINS)
     position = [0] * len(POSITION_BINS)
     for r in reuse:
-        if r['collapsed']:
+        if r['degraded']:
             for s in r['steps']:
                 for k, v in s['grow'].items():
                     totals[k] += v
@@ -180,11 +185,11 @@ def plot(analyses: Dict[str, List[Dict]], png: Path) -> None:
     values = list(totals.values()) + p_old + position
     ax.barh(range(len(values)), values, color=['C1'] * 3 + ['C2'] * 3 + ['C4'] * 3)
     ax.set_yticks(range(len(values)), labels, fontsize='small')
-    ax.set_title(f'reuse, collapsed runs: tokens with r > {GROW:g}', fontsize='small')
+    ax.set_title(f'reuse, degraded runs: tokens with r > {GROW:g}', fontsize='small')
     ax = axes[1][2]
     for r in reuse:
         xs = [s['step'] for s in r['steps']]
-        ax.plot(xs, [s['grad_share_ppo_dropped'] for s in r['steps']], color='C3' if r['collapsed'] else 'C0',
+        ax.plot(xs, [s['grad_share_ppo_dropped'] for s in r['steps']], color='C3' if r['degraded'] else 'C0',
                 alpha=0.6)  # fmt: skip
     ax.set_title('reuse: gradient share on tokens PPO (ε 0.2) would drop', fontsize='small')
     ax.set_xlabel('optimizer step')
@@ -222,13 +227,13 @@ def main(argv=None) -> int:
         for r in runs:
             steps = r['steps']
             print(
-                f'{regime:>9} {Path(r["run"]).name}: collapsed={r["collapsed"]} first zero-reward step '
-                f'{r["first_zero_reward_step"]}; max approx_kl {max(s["approx_kl"] for s in steps):.4f}; '
+                f'{regime:>9} {Path(r["run"]).name}: degraded={r["degraded"]} collapsed={r["collapsed"]}; '
+                f'max approx_kl {max(s["approx_kl"] for s in steps):.4f}; '
                 f'max capped share {max(s["capped_frac"] for s in steps):.4f}; max gradient share on capped '
                 f'{max(s["grad_share_capped"] for s in steps):.3f}'
             )
     for w in warnings:
-        print(f'early warning {w["key"]} (first {w["upto_step"]} steps): collapsed {w["collapsed"]}, healthy '
+        print(f'early warning {w["key"]} (first {w["upto_step"]} steps): degraded {w["degraded"]}, healthy '
               f'{w["healthy"]}, separates: {w["separates"]}')  # fmt: skip
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=1))

@@ -114,7 +114,19 @@ def test_resume_in_the_middle_of_a_generation_batch_regenerates(tiny, uninterrup
 
 def test_resume_with_other_cispo_settings_is_refused_before_training(tiny, uninterrupted, tmp_path):
     result = _resume(tiny, tmp_path / 'B', uninterrupted / 'checkpoint-2', env={'CISPO_NORM': 'sequence'})
-    assert result.returncode != 0
+    assert result.returncode == 2  # refused while swift parses its arguments
+    assert 'model_parameter_info' not in result.stdout + result.stderr  # before the model loads
     assert "norm: 'token' in the checkpoint, 'sequence' now" in result.stderr
     assert 'CISPO_NORM=token' in result.stderr and 'CISPO_ALLOW_CONFIG_CHANGE=1' in result.stderr
     assert not (tmp_path / 'B' / 'logging.jsonl').exists()  # no training step ran
+
+
+def test_resume_from_a_damaged_settings_file_is_refused_naming_it(tiny, uninterrupted, tmp_path):
+    import shutil
+
+    damaged = tmp_path / 'checkpoint-2'
+    shutil.copytree(uninterrupted / 'checkpoint-2', damaged)
+    (damaged / 'cispo_config.json').write_text('{\n  "norm": ')
+    result = _resume(tiny, tmp_path / 'B', damaged)
+    assert result.returncode == 2 and 'model_parameter_info' not in result.stdout + result.stderr
+    assert f'{damaged}/cispo_config.json cannot be read' in result.stderr and 'damaged' in result.stderr
