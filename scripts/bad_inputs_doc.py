@@ -55,7 +55,7 @@ CASES: List[Case] = [
     ('--loss_type cispoo', {}, ['--loss_type', 'cispoo'], 'refused'),
     ('--loss_type CISPO', {}, ['--loss_type', 'CISPO'], 'refused'),
     ('--loss_type grpo with CISPO_NORM=prompt', {'CISPO_NORM': 'prompt'}, ['--loss_type', 'grpo'], 'warning'),
-    ('--importance_sampling_level seq', {}, ['--importance_sampling_level', 'seq'], 'refused'),
+    ('--importance_sampling_level seq', {}, ['--importance_sampling_level', 'seq'], 'swift-refuses'),
     ('--use_liger_kernel true', {}, ['--use_liger_kernel', 'true'], 'refused'),
     ('--resume_from_checkpoint MISSING', {}, ['--resume_from_checkpoint', '/nonexistent/checkpoint-4'],
      'swift-refuses'),
@@ -147,7 +147,7 @@ def _messages(output: str) -> str:
         in_refusal = text.startswith('cispo-swift: refusing')
         if 'cispo-swift: CISPO loss active' in text or 'Successfully registered' in text:
             continue
-        if text.startswith('cispo-swift:') or re.match(r'^(\w+Error|error:|python -m cispo_swift)', text):
+        if text.startswith('cispo-swift:') or re.match(r'^(\w+Error|error:|python -m cispo_swift|\S+: error:)', text):
             keep.append(text)
     return ' '.join(dict.fromkeys(keep))[:900]
 
@@ -167,7 +167,8 @@ def run_case(case: Case, paths: Dict[str, str], work: Path) -> Dict:
     seconds = time.time() - t0
     output = proc.stdout + proc.stderr
     loaded = MODEL_LOADED in output
-    if proc.returncode == 2 and not loaded:
+    ours = 'cispo-swift: refusing to start' in output or 'python -m cispo_swift' in output or flags[:1] == ['python']
+    if proc.returncode == 2 and not loaded and ours:
         outcome = 'refused'
     elif proc.returncode == 0:
         outcome = 'warning' if re.search(r'cispo-swift: (?!CISPO loss active)', output) else 'ok'
@@ -208,6 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument('--work', default=None, help='working directory (default: a temporary one)')
     p.add_argument('--note', default='', help='a line about the machine and its load, printed in the document')
     p.add_argument('--only', nargs='+', default=None, help='run the cases whose label contains one of these (no doc)')
+    p.add_argument('--merge', action='store_true', help='with --only: update those rows of WORK/results.json')
     a = p.parse_args(argv)
     work = Path(a.work or tempfile.mkdtemp(prefix='cispo_bad_inputs_'))
     work.mkdir(parents=True, exist_ok=True)
@@ -219,9 +221,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         flag = '' if r['outcome'] == r['expected'] else f'   <-- expected {r["expected"]}'
         print(f'{r["label"]:<60} {r["outcome"]:<14} exit {r["exit"]:<3} {r["seconds"]:6.1f} s{flag}', flush=True)
         results.append(r)
-    if a.only is None:
+    if a.merge:
+        new = {r['label']: r for r in results}
+        results = [new.get(r['label'], r) for r in json.loads((work / 'results.json').read_text())]
+    if a.only is None or a.merge:
         Path(a.out).write_text(render(results, a.note))
-    (work / 'results.json').write_text(json.dumps(results, indent=1))
+        (work / 'results.json').write_text(json.dumps(results, indent=1))
     wrong = [r['label'] for r in results if r['outcome'] != r['expected']]
     print(f'{len(results) - len(wrong)} of {len(results)} as expected' + (f'; not: {wrong}' if wrong else ''))
     return 1 if wrong else 0
