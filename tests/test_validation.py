@@ -57,7 +57,7 @@ BAD_INPUTS = [
     ('--epsilon_high 0', {}, {'epsilon_high': 0.0}, 'refused', 'must be a positive number (inf: no cap)'),
     ('--epsilon_high -1', {}, {'epsilon_high': -1.0}, 'refused', 'must be a positive number'),
     ('--epsilon_high 0.28', {}, {'epsilon_high': 0.28}, 'refused', 'would be down-weighted to 0.28'),
-    ('--epsilon_high inf', {}, {'epsilon_high': math.inf}, 'ok', ''),
+    ('--epsilon_high inf', {}, {'epsilon_high': math.inf}, 'warning', '--epsilon_high inf: no cap on the CISPO weight'),
     ('--epsilon nan', {}, {'epsilon': math.nan}, 'refused', '--epsilon nan'),
     ('--beta nan', {}, {'beta': math.nan}, 'refused', '--beta nan'),
     ('--delta 3', {}, {'delta': 3.0}, 'warning', '--delta 3.0 has no effect with --loss_type cispo'),
