@@ -213,7 +213,8 @@ def markdown(summary: Dict, base_acc: float, max_steps: int) -> str:
             failed = f' (+{v["failed"]} failed)' if v['failed'] else ''
             lines.append(
                 f'| {arm} | {v["n"]}{failed} | ' + ' | '.join(cells) + f' | {v["reached"]}/{v["n"]} | '
-                f'{fmt(q["median"])} [{fmt(q["q25"])}, {fmt(q["q75"])}] | {v["collapsed"]}/{v["n"]} |'
+                f'{fmt(q["median"])} [{fmt(q["q25"])}, {fmt(q["q75"])}] | {v["collapsed"]}/{v["n"]} | '
+                f'{v["heldout_halved"]}/{v["n"]} |'
             )
         lines += ['', '| rank test (two-sided Mann-Whitney) | final accuracy: U, p | mean of last two: U, p |']
         lines += ['|---|---|---|']

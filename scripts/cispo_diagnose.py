@@ -15,6 +15,7 @@ sign of their advantage, their probability under π_old and their position in th
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 from pathlib import Path
@@ -89,11 +90,12 @@ def top_tokens(records: Sequence[Dict], tokenizer, k: int = 12) -> List[Dict]:
 
 
 def analyse_run(run_dir: Path, tokenizer) -> Optional[Dict]:
-    trace = run_dir / 'trace.jsonl'
+    trace = next((p for p in (run_dir / 'trace.jsonl', run_dir / 'trace.jsonl.gz') if p.is_file()), None)
     record_file = run_dir / 'run.json'
-    if not trace.is_file() or not record_file.is_file():
+    if trace is None or not record_file.is_file():
         return None
-    records = [json.loads(x) for x in trace.read_text().splitlines() if x.strip()]
+    text = gzip.decompress(trace.read_bytes()).decode() if trace.suffix == '.gz' else trace.read_text()
+    records = [json.loads(x) for x in text.splitlines() if x.strip()]
     run = json.loads(record_file.read_text())
     if 'failed' in run:
         return None
