@@ -221,3 +221,45 @@ def test_non_finite_padding_is_ignored_and_check_can_be_disabled():
     trainer = attach_logps(make_trainer(CISPOConfig(check_finite=False)), logits, ids, entropies)
     loss, _ = our_loss(trainer, batch)
     assert torch.isnan(loss)
+
+
+def test_no_cap_overflow_stops_with_the_step_and_the_cause():
+    """--epsilon_high inf: a log-ratio above 88.7 makes the float32 weight inf, and the loss inf from finite inputs."""
+    logits, ids, batch, entropies = make_batch(1)
+    batch.old_per_token_logps = batch.old_per_token_logps.clone()
+    batch.old_per_token_logps[0, 0] -= 120.0  # r = e^120 at one token in the loss
+    batch.advantages = batch.advantages.clone().abs() + 0.5  # Â > 0 there, so the inf weight reaches the loss
+    trainer = attach_logps(make_trainer(epsilon_high=float('inf')), logits, ids, entropies)
+    with pytest.raises(FloatingPointError) as err:
+        our_loss(trainer, batch)
+    message = str(err.value)
+    assert 'Non-finite loss' in message and 'global step' in message
+    assert 'overflowed float32: --epsilon_high inf sets no cap' in message
+    trainer = attach_logps(
+        make_trainer(CISPOConfig(check_finite=False), epsilon_high=float('inf')), logits, ids, entropies
+    )
+    loss, _ = our_loss(trainer, batch)
+    assert not torch.isfinite(loss)  # without the check the run would go on with it
+
+
+def test_non_finite_gradient_stops_before_the_optimizer_step():
+    class Optimizer:
+        steps = 0
+
+        def step(self):
+            Optimizer.steps += 1
+
+    trainer = make_trainer()
+    param = torch.nn.Parameter(torch.ones(3))
+    trainer.model = torch.nn.Module()
+    trainer.model.p = param
+    trainer.state = SimpleNamespace(global_step=7)
+    trainer.optimizer = Optimizer()
+    trainer._gate_optimizer_step()
+    param.grad = torch.ones(3)
+    trainer.optimizer.step()
+    assert Optimizer.steps == 1
+    param.grad = torch.tensor([1.0, float('nan'), 0.0])
+    with pytest.raises(FloatingPointError, match='Non-finite gradient at global step 7'):
+        trainer.optimizer.step()
+    assert Optimizer.steps == 1
