@@ -195,8 +195,8 @@ def markdown(summary: Dict, base_acc: float, max_steps: int) -> str:
             f'**{regime}**',
             '',
             '| arm | runs | ' + ' | '.join(f'step {s}' for s in steps) + f' | reached {threshold:.3f} | '
-            'steps to it | collapsed |',
-            '|---|---|' + '---|' * len(steps) + '---|---|---|',
+            'steps to it | collapsed | ended below half the base |',
+            '|---|---|' + '---|' * len(steps) + '---|---|---|---|',
         ]
         for arm, v in arms.items():
             if arm == '_tests' or not v['n']:
