@@ -20,7 +20,7 @@ from swift.utils import get_logger
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from cispo_swift import config as C
-from cispo_swift import fused_head, mirror, norm, resume
+from cispo_swift import fused_head, guards, mirror, norm, resume
 from cispo_swift import loss as L
 from cispo_swift import metrics as M
 from cispo_swift.empty_completions import narrow_completion_frame
@@ -152,39 +152,8 @@ class CISPOGRPOTrainer(GRPOTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.cispo_active:
-            self._gate_optimizer_step()
+            guards.gate_optimizer_step(self)
         return super().training_step(model, inputs, num_items_in_batch)
-
-    def _gate_optimizer_step(self):
-        """Wrap the optimizer's `step` (the accelerate wrapper the training loop calls) once: a step the KL budget
-        skips does not run at all; with CISPO_CHECK_FINITE a non-finite gradient stops the run before the update.
-        Under DeepSpeed the engine steps inside its backward (the budget is refused there at start)."""
-        optimizer = self.optimizer
-        if optimizer is None or getattr(self, '_cispo_gated', None) is optimizer:
-            return
-        inner = optimizer.step
-
-        def step(*args, **kwargs):
-            if self.cispo_budget is not None and self.cispo_budget.take_skip(self._metrics):
-                return None
-            if self.cispo_config.check_finite:
-                self._check_finite_gradients()
-            return inner(*args, **kwargs)
-
-        optimizer.step = step
-        self._cispo_gated = optimizer
-
-    def _check_finite_gradients(self):
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-            bad = sum(int(not torch.isfinite(g).all()) for g in grads)
-            raise FloatingPointError(
-                f'Non-finite gradient at global step {self.state.global_step} (rank {self.accelerator.process_index}): '
-                f'{bad} of {len(grads)} parameter gradients hold NaN/inf although the loss was finite; training stops '
-                'before the optimizer step. Usual causes: fp16 overflow in the backward pass (use bf16 or float32), an '
-                'exploding learning rate (lower --learning_rate, keep --max_grad_norm). CISPO_CHECK_FINITE=0 turns '
-                'this check off.'
-            )
 
     # ---- the loss ---------------------------------------------------------------------------------------------
 
@@ -196,13 +165,16 @@ class CISPOGRPOTrainer(GRPOTrainer):
         if self.cispo_config.check_finite:  # before backward and the optimizer step
             self._check_finite(step, grpo_batch)
         loss = mirror.auxiliary_losses(self, step.loss, step.logps, step.mask, grpo_batch, mode)
+        token_log_ratio = step.logps.detach().float() - step.tokens.anchor.view_as(step.mask).float()
         if self.cispo_config.check_finite and not bool(torch.isfinite(loss.detach()).all()):
-            self._raise_nonfinite_loss(step, loss)
+            raise guards.nonfinite_loss_error(
+                loss, token_log_ratio, step.mask, self.cispo_resolved.upper, self.cispo_objective.beta,
+                self.state.global_step, self.accelerator.process_index,
+            )  # fmt: skip
         log_ratio = step.tokens.log_ratio
         if log_ratio is None:
             log_ratio = step.logps.detach().reshape(-1) - step.tokens.anchor
         kl = None if self.cispo_objective.beta == 0.0 else L.k3_kl(grpo_batch.ref_per_token_logps, step.logps.detach())
-        token_log_ratio = step.logps.detach().float() - step.tokens.anchor.view_as(step.mask).float()
         stats = L.cispo_stats(
             log_ratio.view_as(step.mask),
             grpo_batch.advantages,
@@ -325,29 +297,6 @@ class CISPOGRPOTrainer(GRPOTrainer):
                 'applicable"). '
                 'CISPO_CHECK_FINITE=0 turns this check off.'
             )
-
-    def _raise_nonfinite_loss(self, step: _Step, loss: torch.Tensor):
-        """The loss is NaN/inf although every input was finite: say which step and why."""
-        mask = step.mask.bool()
-        log_ratio = step.logps.detach().float() - step.tokens.anchor.view_as(step.mask).float()
-        largest = float(torch.where(mask, log_ratio, -torch.inf).max()) if mask.any() else float('nan')
-        upper = self.cispo_resolved.upper
-        if (upper is None or upper == float('inf')) and largest > 88.7:
-            cause = (
-                f'the importance weight r = exp({largest:.1f}) overflowed float32: --epsilon_high inf sets no cap. '
-                'Set a finite cap (e.g. --epsilon_high 5.0), or lower --learning_rate / --num_iterations so the policy '
-                'drifts less from π_old.'
-            )
-        else:
-            cause = (
-                f'the largest log-ratio is {largest:.3g} (weight cap {upper}), beta {self.cispo_objective.beta}; '
-                'usual causes: an exploding learning rate or grad norm, fp16 overflow (use bf16 or float32).'
-            )
-        raise FloatingPointError(
-            f'Non-finite loss ({float(loss.detach()):g}) at global step {self.state.global_step} (rank '
-            f'{self.accelerator.process_index}) from finite inputs: {cause} Training stops before the optimizer step. '
-            'CISPO_CHECK_FINITE=0 turns this check off.'
-        )
 
     def _compute_loss_chunked(self, model, model_inputs, grpo_batch, origin_data=None):
         if not self.cispo_active:

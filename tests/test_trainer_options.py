@@ -7,6 +7,7 @@ import pytest
 import torch
 from stubs import attach_logps, make_batch, make_trainer, our_loss, tiny_qwen2
 
+from cispo_swift import guards
 from cispo_swift.config import CISPOConfig
 from cispo_swift.fused_head import fp32_lm_head
 from cispo_swift.norm import attach_group_counts
@@ -255,7 +256,7 @@ def test_non_finite_gradient_stops_before_the_optimizer_step():
     trainer.model.p = param
     trainer.state = SimpleNamespace(global_step=7)
     trainer.optimizer = Optimizer()
-    trainer._gate_optimizer_step()
+    guards.gate_optimizer_step(trainer)
     param.grad = torch.ones(3)
     trainer.optimizer.step()
     assert Optimizer.steps == 1

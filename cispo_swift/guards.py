@@ -1,0 +1,70 @@
+"""What stands between a CISPO micro-batch and the optimizer: the non-finite loss and gradient checks
+(CISPO_CHECK_FINITE) and the gate on the optimizer's `step` that also carries out CISPO_KL_BUDGET's skips."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+
+def gate_optimizer_step(trainer) -> None:
+    """Wrap `trainer.optimizer.step` (the accelerate wrapper the training loop calls) once: a step the KL budget
+    skips does not run at all; with CISPO_CHECK_FINITE a non-finite gradient stops the run before the update.
+    Under DeepSpeed the engine steps inside its backward (the budget is refused there at start)."""
+    optimizer = trainer.optimizer
+    if optimizer is None or getattr(trainer, '_cispo_gated', None) is optimizer:
+        return
+    inner = optimizer.step
+
+    def step(*args, **kwargs):
+        if trainer.cispo_budget is not None and trainer.cispo_budget.take_skip(trainer._metrics):
+            return None
+        if trainer.cispo_config.check_finite:
+            check_finite_gradients(trainer.model, trainer.state.global_step, trainer.accelerator.process_index)
+        return inner(*args, **kwargs)
+
+    optimizer.step = step
+    trainer._cispo_gated = optimizer
+
+
+def check_finite_gradients(model, global_step: int, rank: int) -> None:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        bad = sum(int(not torch.isfinite(g).all()) for g in grads)
+        raise FloatingPointError(
+            f'Non-finite gradient at global step {global_step} (rank {rank}): {bad} of {len(grads)} parameter '
+            'gradients hold NaN/inf although the loss was finite; training stops before the optimizer step. Usual '
+            'causes: fp16 overflow in the backward pass (use bf16 or float32), an exploding learning rate (lower '
+            '--learning_rate, keep --max_grad_norm). CISPO_CHECK_FINITE=0 turns this check off.'
+        )
+
+
+def nonfinite_loss_error(
+    loss: torch.Tensor,
+    token_log_ratio: torch.Tensor,
+    mask: torch.Tensor,
+    upper: Optional[float],
+    beta: float,
+    global_step: int,
+    rank: int,
+) -> FloatingPointError:
+    """The error for a NaN/inf loss from finite inputs, naming the step and why (`token_log_ratio`, `mask`: [B, T])."""
+    mask = mask.bool()
+    largest = float(torch.where(mask, token_log_ratio, -torch.inf).max()) if mask.any() else float('nan')
+    if (upper is None or upper == math.inf) and largest > 88.7:
+        cause = (
+            f'the importance weight r = exp({largest:.1f}) overflowed float32: --epsilon_high inf sets no cap. '
+            'Set a finite cap (e.g. --epsilon_high 5.0), or lower --learning_rate / --num_iterations so the policy '
+            'drifts less from π_old.'
+        )
+    else:
+        cause = (
+            f'the largest log-ratio is {largest:.3g} (weight cap {upper}), beta {beta}; '
+            'usual causes: an exploding learning rate or grad norm, fp16 overflow (use bf16 or float32).'
+        )
+    return FloatingPointError(
+        f'Non-finite loss ({float(loss.detach()):g}) at global step {global_step} (rank {rank}) from finite inputs: '
+        f'{cause} Training stops before the optimizer step. CISPO_CHECK_FINITE=0 turns this check off.'
+    )
