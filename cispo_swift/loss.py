@@ -57,9 +57,7 @@ def importance_weight(log_ratio: torch.Tensor, lower: Optional[float], upper: Op
         ValueError: `upper` not > 0 or NaN, `lower` negative or NaN, or `lower` > `upper`.
     """
     _check_bounds(lower, upper)
-    log_ratio = log_ratio.detach()  # sg(.)
-    if log_ratio.dtype not in (torch.float32, torch.float64):
-        log_ratio = log_ratio.float()
+    log_ratio = at_least_float32(log_ratio.detach())  # sg(.)
     if upper is not None:
         log_ratio = log_ratio.clamp(max=math.log(upper) + 1.0)
     weight = torch.exp(log_ratio)
