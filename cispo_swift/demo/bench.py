@@ -130,27 +130,31 @@ def versions() -> Dict[str, str]:
 DONE_FILE = 'run.json'
 
 
-def run_swift(
-    flags: Sequence[str], run_dir: Path, env_extra: Mapping[str, str], keep: Sequence[str] = ('CISPOSWIFT_',)
-) -> Dict[str, float]:
+def run_swift(flags: Sequence[str], run_dir: Path, env_extra: Mapping[str, str]) -> Dict[str, float]:
     """One `swift rlhf` process writing into `run_dir` (train.log there); returns its wall and CPU seconds.
 
     `CISPO_*` variables of the calling environment are dropped (each run sets its own in `env_extra`), so a shell
     that exported one cannot change an arm unnoticed.
     """
-    swift = str(Path(sys.executable).parent / 'swift')
+    return run_command([str(Path(sys.executable).parent / 'swift'), 'rlhf', *flags], run_dir, env_extra)
+
+
+def run_command(cmd: Sequence[str], run_dir: Path, env_extra: Mapping[str, str]) -> Dict[str, float]:
+    """`run_swift` for any command (e.g. an example script): output to run_dir/train.log, `CISPO_*` variables of the
+    calling environment dropped, this interpreter's bin directory first on PATH; returns wall and CPU seconds."""
     env = {k: v for k, v in os.environ.items() if not k.startswith('CISPO_')}
     env.update(OFFLINE_ENV, PYTHONPATH=str(ROOT) + os.pathsep + env.get('PYTHONPATH', ''))
+    env['PATH'] = str(Path(sys.executable).parent) + os.pathsep + env.get('PATH', '')
     env.update(env_extra)
     t0 = time.time()
     log_path = run_dir / 'train.log'
     with open(log_path, 'w') as f:
-        proc = subprocess.Popen([swift, 'rlhf', *flags], env=env, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(list(cmd), env=env, stdout=f, stderr=subprocess.STDOUT)
         # This child's own CPU time (os.wait4): RUSAGE_CHILDREN would also count runs finishing alongside it.
         _, status, usage = os.wait4(proc.pid, 0)
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
-        raise RuntimeError(f'swift rlhf exited with {code}; log: {log_path}')
+        raise RuntimeError(f'{Path(cmd[0]).name} exited with {code}; log: {log_path}')
     return {'wall_s': round(time.time() - t0, 1), 'cpu_s': round(usage.ru_utime + usage.ru_stime, 1)}
 
 
