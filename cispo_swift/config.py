@@ -102,7 +102,7 @@ class CISPOConfig:
         False,
         "Compute the sampled tokens' log-probs from the last hidden states and the LM head in chunks of tokens, "
         'never holding the [B, T, V] logits (recomputed chunk by chunk in backward). For long completions and '
-        'large vocabularies; works on any device. Where not supported (multimodal, sequence parallel, ZeRO-3, LoRA '
+        'large vocabularies; works on any device. Where not supported (multimodal, sequence parallel, LoRA '
         "on lm_head, scaled/soft-capped logits) swift's path runs, with a warning saying why.",
     )
     fused_chunk_size: int = _opt(

@@ -1,9 +1,10 @@
 """The trainer's side of the fused LM head (`CISPO_FUSED_LOGPS`) and of the FP32 head (`CISPO_FP32_LM_HEAD`).
 
 `fused.py` holds the kernels (pure torch, no swift); this module connects them to swift's model forward: it finds
-the output layer, runs swift's forward with the head bypassed to get the last hidden states, and hands hidden
-states, head weight and targets to `fused.chunked_token_logps` (any loss) or `fused.fused_linear_logp_loss`
-(the CISPO objective, gradient formed in the forward).
+the output layer and runs swift's forward with the head's own forward replaced, so that inside it the last hidden
+states, the head weight and the targets go to `fused.chunked_token_logps` (any loss) or
+`fused.fused_linear_logp_loss` (the CISPO objective, gradient formed in the forward). Running inside the head's
+forward is what makes DeepSpeed ZeRO-3 work: its module hooks gather the partitioned weight there.
 """
 
 from __future__ import annotations
@@ -28,21 +29,23 @@ def output_layer(model: torch.nn.Module) -> Optional[torch.nn.Module]:
 
 
 def lm_head(model: torch.nn.Module) -> Optional[torch.nn.Linear]:
-    """The model's output layer when it is a plain nn.Linear (the fused path needs its weight and bias)."""
+    """The model's output layer when it is a plain nn.Linear (the fused path needs its weight and bias), also after
+    FSDP2's `fully_shard` has changed its class in place to a generated `FSDPLinear(FSDPModule, nn.Linear)`."""
     head = output_layer(model)
-    return head if type(head) is torch.nn.Linear else None
+    if type(head) is torch.nn.Linear:
+        return head
+    bases = type(head).__bases__
+    if len(bases) == 2 and bases[1] is torch.nn.Linear and bases[0].__name__ == 'FSDPModule':
+        return head
+    return None
 
 
 def unsupported_reason(trainer) -> Optional[str]:
     """Why the chunked LM-head path cannot serve this run, or None."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
     if trainer.is_multimodal:
         return 'multimodal models compute logits through their own heads'
     if trainer.template.sequence_parallel_size > 1:
         return 'sequence parallelism computes log-probs in its own (gathering) path'
-    if is_deepspeed_zero3_enabled():
-        return "DeepSpeed ZeRO-3 partitions the LM head weight outside the model's forward"
     model = trainer.accelerator.unwrap_model(trainer.model)
     config = getattr(model.get_base_model() if is_peft_model(model) else model, 'config', None)
     for attr in _LOGIT_TRANSFORMS:
@@ -54,10 +57,13 @@ def unsupported_reason(trainer) -> Optional[str]:
     return None
 
 
-def hidden_states(trainer, model, model_inputs, head: torch.nn.Linear, logits_to_keep: int) -> torch.Tensor:
-    """The last hidden states of the completion positions, [B, T, H], from swift's own forward (so DDP and
-    DeepSpeed wrappers and hooks run) with the LM head bypassed: the model's "logits" are its hidden states.
+def through_head(trainer, model, model_inputs, logits_to_keep: int, compute):
+    """swift's model forward (so DDP and DeepSpeed wrappers and hooks run) with the LM head's forward replaced by
+    `compute(head, hidden)`, hidden the last hidden states of the completion positions [B, T, H]; returns what
+    `compute` returned, which the model passes out as its "logits".
 
+    The computation runs inside the head module's own forward, so DeepSpeed ZeRO-3's module hooks gather the head's
+    partitioned weight for it (and again before its backward) and reduce the weight's gradient like any other.
     Mirrors the forward of swift 4.6.0 `GRPOTrainer._get_logps_via_local_forward` (use_cache, logits_to_keep + 1,
     the [-(T + 1):-1] slice); tests/test_trainer_fused.py compares the results with that method's.
     """
@@ -65,29 +71,39 @@ def hidden_states(trainer, model, model_inputs, head: torch.nn.Linear, logits_to
         model_inputs['use_cache'] = False
     if 'logits_to_keep' in trainer.model_kwarg_keys:
         model_inputs['logits_to_keep'] = logits_to_keep + 1
-    with _head_returns_hidden(head):
-        hidden = model(**model_inputs).logits
-    return hidden[:, -(logits_to_keep + 1) : -1, :]
+    head = lm_head(trainer.accelerator.unwrap_model(model))
+    if head is None:  # checked at start; a wrapper applied later (e.g. by accelerate.prepare) can still change it
+        kind = type(output_layer(trainer.accelerator.unwrap_model(model))).__name__
+        raise RuntimeError(
+            f'CISPO_FUSED_LOGPS=1: the output layer became {kind} after start-up; unset CISPO_FUSED_LOGPS.'
+        )
+    with _head_computes(head, lambda hidden: compute(head, hidden[:, -(logits_to_keep + 1) : -1, :])):
+        return model(**model_inputs).logits
 
 
 def token_logps(trainer, model, model_inputs, logits_to_keep: int, input_ids, compute_entropy: bool):
     """Drop-in for swift's `_get_logps_via_local_forward` through `fused.chunked_token_logps`: (log-probs [B, T],
     entropies [B, T] or None); the backward recomputes each chunk's logits. `[1, nnz]` in padding-free mode."""
-    head = lm_head(trainer.accelerator.unwrap_model(model))
-    hidden = hidden_states(trainer, model, model_inputs, head, logits_to_keep)
-    B, T, H = hidden.shape
-    cfg = trainer.cispo_config
-    logps, entropies = chunked_token_logps(
-        hidden.reshape(B * T, H),
-        head.weight,
-        head.bias,
-        input_ids[:, -logits_to_keep:].reshape(B * T),
-        temperature=trainer.temperature,
-        chunk_size=cfg.fused_chunk_size,
-        fp32_head=cfg.fp32_lm_head,
-        compute_entropy=compute_entropy,
-    )
-    return logps.view(B, T), (None if entropies is None else entropies.view(B, T))
+    cfg, extra = trainer.cispo_config, {}
+    targets = input_ids[:, -logits_to_keep:]
+
+    def compute(head, hidden):
+        B, T, H = hidden.shape
+        logps, entropies = chunked_token_logps(
+            hidden.reshape(B * T, H),
+            head.weight,
+            head.bias,
+            targets.reshape(B * T),
+            temperature=trainer.temperature,
+            chunk_size=cfg.fused_chunk_size,
+            fp32_head=cfg.fp32_lm_head,
+            compute_entropy=compute_entropy,
+        )
+        extra['entropies'] = None if entropies is None else entropies.view(B, T)
+        return logps.view(B, T)
+
+    logps = through_head(trainer, model, model_inputs, logits_to_keep, compute)
+    return logps, extra['entropies']
 
 
 def objective_with_logps(
@@ -96,25 +112,30 @@ def objective_with_logps(
     """`loss.cispo_objective` through `fused.fused_linear_logp_loss`, three LM-head matmuls: (loss, log-probs
     [B, T] detached, entropies [B, T] or None). Each chunk's gradient w.r.t. its log-probs is the autograd gradient
     of the same objective the plain path calls, evaluated on that chunk's tokens."""
-    head = lm_head(trainer.accelerator.unwrap_model(model))
     keep = grpo_batch.logits_to_keep
-    hidden = hidden_states(trainer, model, model_inputs, head, keep)  # [B, T, H]
-    B, T, H = hidden.shape
-
+    targets = model_inputs['input_ids'][:, -keep:]
     coef_fn = autograd_coef_fn(lambda logps, start, end: L.cispo_objective(logps, tokens[start:end], objective))
-    cfg = trainer.cispo_config
-    loss, logps, entropies = fused_linear_logp_loss(
-        hidden.reshape(B * T, H),
-        head.weight,
-        head.bias,
-        model_inputs['input_ids'][:, -keep:].reshape(B * T),
-        coef_fn,
-        temperature=trainer.temperature,
-        chunk_size=cfg.fused_chunk_size,
-        fp32_head=cfg.fp32_lm_head,
-        compute_entropy=trainer.compute_entropy,
-    )
-    return loss, logps.view(B, T), (None if entropies is None else entropies.view(B, T))
+    cfg, extra = trainer.cispo_config, {}
+
+    def compute(head, hidden):
+        B, T, H = hidden.shape
+        loss, logps, entropies = fused_linear_logp_loss(
+            hidden.reshape(B * T, H),
+            head.weight,
+            head.bias,
+            targets.reshape(B * T),
+            coef_fn,
+            temperature=trainer.temperature,
+            chunk_size=cfg.fused_chunk_size,
+            fp32_head=cfg.fp32_lm_head,
+            compute_entropy=trainer.compute_entropy,
+        )
+        extra['logps'] = logps.view(B, T)
+        extra['entropies'] = None if entropies is None else entropies.view(B, T)
+        return loss
+
+    loss = through_head(trainer, model, model_inputs, keep, compute)
+    return loss, extra['logps'], extra['entropies']
 
 
 def fp32_lm_head(model: torch.nn.Module) -> bool:
@@ -139,9 +160,9 @@ def _fp32_forward(self, hidden: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def _head_returns_hidden(head: torch.nn.Module):
+def _head_computes(head: torch.nn.Module, compute):
     saved = head.__dict__.get('forward')  # an instance-level forward, e.g. the FP32 head
-    head.forward = _identity
+    head.forward = compute
     try:
         yield
     finally:
@@ -149,7 +170,3 @@ def _head_returns_hidden(head: torch.nn.Module):
             del head.forward
         else:
             head.forward = saved
-
-
-def _identity(hidden: torch.Tensor) -> torch.Tensor:
-    return hidden
