@@ -7,6 +7,11 @@
 # Checkpoints: --save_steps is a multiple of steps_per_generation × num_iterations (8), the only steps where
 # swift resumes exactly (it does not save the generation batch being reused). Each checkpoint holds
 # cispo_config.json; resuming with other CISPO settings is refused unless CISPO_ALLOW_CONFIG_CHANGE=1.
+# CISPO_FUSED_LOGPS=1: log-probs and loss chunk by chunk inside the LM head's forward, where ZeRO-3 has gathered
+# its weight; the [tokens, 152k] logits are never held (per rank, about 0.3x the peak memory of swift's path at
+# 4 x 1,024 tokens on CPU: docs/distributed.md). CISPO_FP32_LM_HEAD=1: the head in float32 (MiniMax-M1).
+CISPO_FUSED_LOGPS=${CISPO_FUSED_LOGPS:-1} \
+CISPO_FP32_LM_HEAD=${CISPO_FP32_LM_HEAD:-1} \
 CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7 \
 NPROC_PER_NODE=8 \
 swift rlhf \

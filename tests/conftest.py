@@ -17,6 +17,14 @@ def tiny(tmp_path_factory):
     return build(str(tmp_path_factory.mktemp('tiny')))
 
 
+@pytest.fixture(scope='session')
+def tied_tiny(tmp_path_factory):
+    """The tiny model with its LM head tied to the input embedding (as SmolLM2 and Qwen2.5's small models)."""
+    from cispo_swift.demo.tiny import TinyConfig, build
+
+    return build(str(tmp_path_factory.mktemp('tied_tiny')), TinyConfig(tie_word_embeddings=True))
+
+
 @pytest.fixture(autouse=True)
 def _fresh_warnings():
     """cispo-swift warns once per process; every test starts with none emitted."""

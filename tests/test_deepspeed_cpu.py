@@ -74,7 +74,7 @@ def test_distributed_state_only_under_torchrun_with_use_cpu(monkeypatch):
 
 
 def test_init_distributed_needs_a_launcher(monkeypatch):
-    import deepspeed
+    deepspeed = pytest.importorskip('deepspeed')  # the 'deepspeed' extra (setup.sh installs it)
 
     calls = []
     monkeypatch.setattr(deepspeed, 'init_distributed', lambda **kw: calls.append(kw))
