@@ -193,3 +193,19 @@ def test_plot_and_report_read_the_heldout_evaluations(tmp_path, capsys):
         "step 0 -> 3: 1 problems became right, 0 became wrong\n  became right: 'What is 2 + 2?' (answer 4): '5' -> '4'"
         in out
     )
+
+
+def test_heldout_summary_gives_the_mean_of_the_last_two_evaluations(tmp_path, capsys):
+    from cispo_swift.demo import heldout
+
+    path = tmp_path / 'heldout.jsonl'
+    records = [
+        {'step': s, 'greedy_acc': acc, 'n': 4, 'max_new_tokens': 16, 'rewards': rewards,
+         'problems': ['p0', 'p1', 'p2', 'p3'], 'answers': ['1', '2', '3', '4'], 'completions': ['a', 'b', 'c', 'd']}
+        for s, acc, rewards in ((0, 0.25, [1, 0, 0, 0]), (10, 0.75, [1, 1, 1, 0]), (20, 0.5, [0, 1, 1, 0]))
+    ]  # fmt: skip
+    path.write_text(''.join(json.dumps(r) + '\n' for r in records))
+    assert heldout.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert 'mean of the last 2 evaluations (steps 10, 20): 0.625, +0.375 against step 0' in out
+    assert 'step 0 -> 20: 2 problems became right, 1 became wrong' in out

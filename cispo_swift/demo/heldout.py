@@ -175,6 +175,11 @@ def main(argv=None) -> int:
     print(f'held-out greedy accuracy ({first["n"]} problems never trained on, {first["max_new_tokens"]} new tokens):')
     for r in results:
         print(f'  step {r["step"]:>4}: {r["greedy_acc"]:.3f}  ({round(r["greedy_acc"] * r["n"])}/{r["n"]})')
+    if len(results) >= 3 and first['step'] == 0:  # steadier than one evaluation: the policy swings between them
+        late = results[-2:]
+        mean = sum(r['greedy_acc'] for r in late) / len(late)
+        print(f'mean of the last {len(late)} evaluations (steps {", ".join(str(r["step"]) for r in late)}): '
+              f'{mean:.3f}, {mean - first["greedy_acc"]:+.3f} against step 0')  # fmt: skip
     if len(results) > 1 and 'rewards' in first and 'rewards' in last:
         pairs = list(zip(first['rewards'], last['rewards']))
         fixed = [i for i, (x, y) in enumerate(pairs) if x < y]
