@@ -8,7 +8,7 @@
 # swift resumes exactly (it does not save the generation batch being reused). Each checkpoint holds
 # cispo_config.json; resuming with other CISPO settings is refused unless CISPO_ALLOW_CONFIG_CHANGE=1.
 # CISPO_FUSED_LOGPS=1: log-probs and loss chunk by chunk inside the LM head's forward, where ZeRO-3 has gathered
-# its weight; the [tokens, 152k] logits are never held (per rank, about 0.3x the peak memory of swift's path at
+# its weight; the [tokens, 152k] logits are never held (per rank, 0.12x the peak memory of swift's path at
 # 4 x 1,024 tokens on CPU: docs/distributed.md). CISPO_FP32_LM_HEAD=1: the head in float32 (MiniMax-M1).
 CISPO_FUSED_LOGPS=${CISPO_FUSED_LOGPS:-1} \
 CISPO_FP32_LM_HEAD=${CISPO_FP32_LM_HEAD:-1} \
