@@ -136,6 +136,10 @@ class HeldoutAccuracy(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.steps = parse_steps(self.spec, state.max_steps)
+        beyond = sorted(s for s in self.steps if s > state.max_steps)
+        if beyond and state.is_world_process_zero:
+            print(f'cispo-swift: {ENV_STEPS}={self.spec!r}: step(s) {beyond} come after the last step '
+                  f'({state.max_steps}); no evaluation there.', flush=True)  # fmt: skip
         if state.global_step in self.steps:
             self._evaluate(state, model or self.trainer.model)
 
