@@ -18,8 +18,11 @@ def _probing(trainer, model, model_inputs, logits_to_keep, compute):
         if grad not in _seen:
             _seen.add(grad)
             shape = 'x'.join(str(d) for d in head.weight.shape)
-            print(f'fused-probe rank {os.environ.get("RANK", "0")} grad {int(grad)} weight {shape} '
-                  f'{type(head.weight).__name__}', flush=True)  # fmt: skip
+            line = f'fused-probe rank {os.environ.get("RANK", "0")} grad {int(grad)} weight {shape} '
+            line += f'{type(head.weight).__name__}\n'
+            # One write(2) of a short line: atomic on a pipe, so the ranks' lines never interleave (print may
+            # write the text and the newline separately).
+            os.write(1, line.encode())
         return compute(head, hidden)
 
     return _through_head(trainer, model, model_inputs, logits_to_keep, probe)
