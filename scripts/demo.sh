@@ -35,14 +35,14 @@ if [ "$MODE" = smollm2 ]; then
   echo "SmolLM2-135M-Instruct (Q4_1 weights, dequantised): $MODEL_DIR ($((SECONDS - t0)) s)"
   python -m cispo_swift.demo.arith --out "$DEMO/data" > /dev/null
   t0=$SECONDS
-  echo "training with swift rlhf, greedy held-out evaluation before and after (log: $DEMO/train.log) ..."
+  echo "training with swift rlhf, greedy held-out evaluations at steps 0, 20 and the last (log: $DEMO/train.log) ..."
   if ! MODEL_DIR="$MODEL_DIR" DATA_DIR="$DEMO/data" OUTPUT_DIR="$DEMO/output" \
       bash examples/smollm2_arith_cpu.sh "$@" > "$DEMO/train.log" 2>&1; then
     tail -n 40 "$DEMO/train.log"
     echo "swift rlhf failed; full log: $DEMO/train.log" >&2
     exit 1
   fi
-  echo "done in $((SECONDS - t0)) s (training and both evaluations)"
+  echo "done in $((SECONDS - t0)) s (training and the evaluations)"
   python -m cispo_swift.demo.heldout "$DEMO/output"
   python -m cispo_swift summary "$DEMO/output"
   python -m cispo_swift plot "$DEMO/output" -o "$DEMO/curves.png" --smooth 4 \
