@@ -27,7 +27,7 @@ BASE_ACCURACY = 0.40625  # the base model's greedy accuracy on the 128 held-out 
 MAX_STEPS = 40
 EVAL_EVERY = 10
 GAIN = 0.10  # the demo's target: held-out greedy accuracy at least base + 0.10
-DEMO_STEPS = (20, 30)  # the demo's steadier measure: the mean of its last two evaluations (30 steps, chosen after)
+DEMO_STEPS = (10, 20)  # the demo's steadier measure: the mean of its last two evaluations (20 steps, chosen after)
 
 # ---- fixed before the runs (docs/smollm2_recipe.md, "Settings") ---------------------------------------------------
 # Common to all: the demo script's flags (2e-5 constant, T 0.7, 16 new tokens, 8 completions per prompt, full tuning
