@@ -91,6 +91,14 @@ class CISPOConfig:
         'or --steps_per_generation > --gradient_accumulation_steps. Unset: never skip. Logged: '
         'cispo/kl_budget_skipped (fraction of optimizer steps skipped).',
     )
+    skip_no_signal: bool = _opt(
+        False,
+        'Skip an optimizer step whose gradient is exactly zero on every parameter on every rank (every advantage 0 '
+        'and no KL or auxiliary term, or no loss tokens): the weights, Adam\'s moments and its step counter stay as '
+        'they were, and weight decay does not apply. Without it AdamW keeps moving the policy along its momentum on '
+        'steps that carry no signal, which with small groups (many all-equal rewards) has driven runs to collapse. '
+        'Logged: cispo/no_signal_skipped (1 or 0 per optimizer step).',
+    )
     fp32_lm_head: bool = _opt(
         False,
         "Compute the trainer's LM head (logits) in float32 even when the model runs in bf16 (MiniMax-M1 §3.1: "
@@ -423,7 +431,7 @@ def summary_line(settings: Mapping[str, Any], fused_active: Optional[bool] = Non
         f'cispo-swift: CISPO loss active: w = sg({weight}) [{s["clip_mode"]}, eps_low {eps_low}], norm={s["norm"]}, '
         f'anchor={s["anchor"]}, unified_mask={mask}, is_level={s["importance_sampling_level"]}, beta={s["beta"]}, '
         f'fp32_lm_head={int(s["fp32_lm_head"])}, fused_logps={fused}{chunk}, kl_budget={budget}, '
-        f'check_finite={int(s["check_finite"])}, allow_config_change={int(s["allow_config_change"])}, '
+        f'skip_no_signal={int(s["skip_no_signal"])}, check_finite={int(s["check_finite"])}, allow_config_change={int(s["allow_config_change"])}, '
         f'ppo_epsilon(metric)={s["ppo_epsilon_for_metrics"]}'
     )
 
