@@ -8,25 +8,57 @@ from typing import Optional
 
 import torch
 
+NO_SIGNAL_KEY = 'cispo/no_signal_skipped'
+
 
 def gate_optimizer_step(trainer) -> None:
     """Wrap `trainer.optimizer.step` (the accelerate wrapper the training loop calls) once: a step the KL budget
-    skips does not run at all; with CISPO_CHECK_FINITE a non-finite gradient stops the run before the update.
-    Under DeepSpeed the engine steps inside its backward (the budget is refused there at start)."""
+    skips, or (CISPO_SKIP_NO_SIGNAL) a step whose gradient is exactly zero, does not run at all, so neither the
+    weights nor Adam's moments and step counter move; with CISPO_CHECK_FINITE a non-finite gradient stops the run
+    before the update. Under DeepSpeed the engine steps inside its backward (the budget is refused there at start)."""
     optimizer = trainer.optimizer
     if optimizer is None or getattr(trainer, '_cispo_gated', None) is optimizer:
         return
     inner = optimizer.step
 
     def step(*args, **kwargs):
-        if trainer.cispo_budget is not None and trainer.cispo_budget.take_skip(trainer._metrics):
-            return None
-        if trainer.cispo_config.check_finite:
-            check_finite_gradients(trainer.model, trainer.state.global_step, trainer.accelerator.process_index)
-        return inner(*args, **kwargs)
+        if not skip_decision(trainer):
+            return inner(*args, **kwargs)
+        return None
 
     optimizer.step = step
     trainer._cispo_gated = optimizer
+
+
+def skip_decision(trainer) -> bool:
+    """Whether the optimizer step now due is skipped (the same on every rank), with its metrics recorded: the KL
+    budget first, then the no-signal test; with CISPO_CHECK_FINITE a step that runs has finite gradients."""
+    cfg, bucket = trainer.cispo_config, trainer._metrics['train']
+    if trainer.cispo_budget is not None and trainer.cispo_budget.take_skip(trainer._metrics):
+        if cfg.skip_no_signal:
+            bucket[NO_SIGNAL_KEY].append(0.0)  # one value per optimizer step: this one was skipped for its drift
+        return True
+    if cfg.skip_no_signal:
+        silent = gradient_is_zero(trainer.model)
+        bucket[NO_SIGNAL_KEY].append(float(silent))
+        if silent:
+            return True
+    if cfg.check_finite:
+        check_finite_gradients(trainer.model, trainer.state.global_step, trainer.accelerator.process_index)
+    return False
+
+
+def gradient_is_zero(model) -> bool:
+    """Whether the gradient the optimizer would apply is exactly zero on every parameter of every rank (a missing
+    gradient counts as zero; NaN does not). Under DDP the gradients are already averaged, but FSDP shards them, so
+    the answer is reduced over the ranks."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flags = [(g.to_local() if hasattr(g, 'to_local') else g).ne(0).any() for g in grads]  # FSDP2: the local shard
+    device = flags[0].device if flags else next(model.parameters()).device
+    signal = torch.stack(flags).any().to(torch.int32) if flags else torch.zeros((), dtype=torch.int32, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(signal, op=torch.distributed.ReduceOp.MAX)
+    return not bool(signal)
 
 
 def check_finite_gradients(model, global_step: int, rank: int) -> None:

@@ -153,7 +153,23 @@ class CISPOGRPOTrainer(GRPOTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.cispo_active:
             guards.gate_optimizer_step(self)
+            if self._reuses_spent_batch():
+                return self._skip_micro_batch()
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def _reuses_spent_batch(self) -> bool:
+        """Whether this micro-batch re-uses a generation batch whose KL budget is spent: its optimizer step is skipped
+        whatever it computes, so it costs no forward or backward. A micro-batch that starts a new generation batch
+        (swift's `_prepare_inputs`, GRPOTrainer 4.6.0: `_step % generate_every == 0`) always runs."""
+        if self.cispo_budget is None or not self.cispo_budget.spent or self._buffered_inputs is None:
+            return False
+        every = self.args.steps_per_generation * self.template.sequence_parallel_size * self.num_iterations
+        return self._step % every != 0
+
+    def _skip_micro_batch(self) -> torch.Tensor:
+        self._step += 1  # what TRL's GRPOTrainer.training_step (trl 0.29) counts after each micro-batch
+        self.cispo_budget.skip_pending = True
+        return torch.zeros((), device=self.args.device)
 
     # ---- the loss ---------------------------------------------------------------------------------------------
 
@@ -187,6 +203,10 @@ class CISPOGRPOTrainer(GRPOTrainer):
         sums = M.gather_sums(self.accelerator, stats)
         if self.cispo_budget is not None and mode == 'train':
             self.cispo_budget.observe(sums)
+            if self.cispo_budget.skip_pending and self.accelerator.num_processes == 1 and not self.is_deepspeed_enabled:
+                # This step is skipped: its backward would be wasted. (Under DDP, ZeRO or FSDP the backward runs: the
+                # forward has already armed the wrapper's gradient reduction, which expects it.)
+                loss = loss.detach().requires_grad_()
         metrics_data = {
             'mode': mode,
             'entropy': step.entropy_metrics,
