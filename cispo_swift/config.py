@@ -94,7 +94,7 @@ class CISPOConfig:
     skip_no_signal: bool = _opt(
         False,
         'Skip an optimizer step whose gradient is exactly zero on every parameter on every rank (every advantage 0 '
-        'and no KL or auxiliary term, or no loss tokens): the weights, Adam\'s moments and its step counter stay as '
+        "and no KL or auxiliary term, or no loss tokens): the weights, Adam's moments and its step counter stay as "
         'they were, and weight decay does not apply. Without it AdamW keeps moving the policy along its momentum on '
         'steps that carry no signal, which with small groups (many all-equal rewards) has driven runs to collapse. '
         'Logged: cispo/no_signal_skipped (1 or 0 per optimizer step).',
@@ -368,6 +368,13 @@ def check_run(args, cfg: CISPOConfig) -> Resolved:
             'where the budget cannot skip a step. Unset CISPO_KL_BUDGET under DeepSpeed (CISPO_MASK=1 bounds the '
             'drift per token instead).'
         )
+    if cfg.skip_no_signal and getattr(args, 'deepspeed', None):
+        raise ValueError(
+            'CISPO_SKIP_NO_SIGNAL=1 with --deepspeed: DeepSpeed steps its optimizer inside its own engine, on '
+            'gradients it has partitioned, where the plugin cannot skip a step. Unset CISPO_SKIP_NO_SIGNAL under '
+            "DeepSpeed, or train without it (DDP or FSDP2); swift's --dynamic_sample true resamples the groups "
+            'without signal instead.'
+        )
     level = args.importance_sampling_level
     if level not in ('token', 'sequence', 'sequence_token'):
         raise ValueError(
@@ -431,7 +438,8 @@ def summary_line(settings: Mapping[str, Any], fused_active: Optional[bool] = Non
         f'cispo-swift: CISPO loss active: w = sg({weight}) [{s["clip_mode"]}, eps_low {eps_low}], norm={s["norm"]}, '
         f'anchor={s["anchor"]}, unified_mask={mask}, is_level={s["importance_sampling_level"]}, beta={s["beta"]}, '
         f'fp32_lm_head={int(s["fp32_lm_head"])}, fused_logps={fused}{chunk}, kl_budget={budget}, '
-        f'skip_no_signal={int(s["skip_no_signal"])}, check_finite={int(s["check_finite"])}, allow_config_change={int(s["allow_config_change"])}, '
+        f'skip_no_signal={int(s["skip_no_signal"])}, check_finite={int(s["check_finite"])}, '
+        f'allow_config_change={int(s["allow_config_change"])}, '
         f'ppo_epsilon(metric)={s["ppo_epsilon_for_metrics"]}'
     )
 

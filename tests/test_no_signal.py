@@ -82,6 +82,19 @@ def test_option_parses_like_every_boolean():
         CISPOConfig.from_env({'CISPO_SKIP_NO_SIGNAL': 'maybe'})
 
 
+def test_skip_under_deepspeed_is_refused():
+    from test_kl_budget import _Args
+
+    from cispo_swift import config as C
+
+    args = _Args()
+    args.deepspeed = 'zero3'
+    with pytest.raises(ValueError, match='CISPO_SKIP_NO_SIGNAL=1 with --deepspeed'):
+        C.check_run(args, CISPOConfig(skip_no_signal=True))
+    args.deepspeed = None
+    C.check_run(args, CISPOConfig(skip_no_signal=True))
+
+
 # ---- end to end ---------------------------------------------------------------------------------------------------
 
 FULL = ['--tuner_type', 'full', '--weight_decay', '0.1', '--beta', '0']  # no KL term: advantages alone carry signal
