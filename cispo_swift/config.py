@@ -362,19 +362,10 @@ def check_run(args, cfg: CISPOConfig) -> Resolved:
             f'CISPO_NORM={cfg.norm} needs every sequence of the generation batch on its rank; sequence parallelism '
             'splits them. Use CISPO_NORM=token with --sequence_parallel_size > 1.'
         )
-    if cfg.kl_budget is not None and getattr(args, 'deepspeed', None):
-        raise ValueError(
-            f'CISPO_KL_BUDGET={cfg.kl_budget} with --deepspeed: DeepSpeed steps its optimizer inside its own engine, '
-            'where the budget cannot skip a step. Unset CISPO_KL_BUDGET under DeepSpeed (CISPO_MASK=1 bounds the '
-            'drift per token instead).'
-        )
-    if cfg.skip_no_signal and getattr(args, 'deepspeed', None):
-        raise ValueError(
-            'CISPO_SKIP_NO_SIGNAL=1 with --deepspeed: DeepSpeed steps its optimizer inside its own engine, on '
-            'gradients it has partitioned, where the plugin cannot skip a step. Unset CISPO_SKIP_NO_SIGNAL under '
-            "DeepSpeed, or train without it (DDP or FSDP2); swift's --dynamic_sample true resamples the groups "
-            'without signal instead.'
-        )
+    if getattr(args, 'deepspeed', None):
+        from cispo_swift.deepspeed_gate import check_settings
+
+        check_settings(args.deepspeed, cfg.kl_budget, cfg.skip_no_signal)
     level = args.importance_sampling_level
     if level not in ('token', 'sequence', 'sequence_token'):
         raise ValueError(

@@ -30,16 +30,17 @@ def gate_optimizer_step(trainer) -> None:
     trainer._cispo_gated = optimizer
 
 
-def skip_decision(trainer) -> bool:
+def skip_decision(trainer, zero_test=None) -> bool:
     """Whether the optimizer step now due is skipped (the same on every rank), with its metrics recorded: the KL
-    budget first, then the no-signal test; with CISPO_CHECK_FINITE a step that runs has finite gradients."""
+    budget first, then the no-signal test (`zero_test()`, default: every parameter's `.grad` is zero); with
+    CISPO_CHECK_FINITE a step that runs has finite gradients."""
     cfg, bucket = trainer.cispo_config, trainer._metrics['train']
     if trainer.cispo_budget is not None and trainer.cispo_budget.take_skip(trainer._metrics):
         if cfg.skip_no_signal:
             bucket[NO_SIGNAL_KEY].append(0.0)  # one value per optimizer step: this one was skipped for its drift
         return True
     if cfg.skip_no_signal:
-        silent = gradient_is_zero(trainer.model)
+        silent = gradient_is_zero(trainer.model) if zero_test is None else zero_test()
         bucket[NO_SIGNAL_KEY].append(float(silent))
         if silent:
             return True

@@ -109,10 +109,12 @@ class _Args:
     gradient_accumulation_steps = 1
 
 
-def test_budget_under_deepspeed_is_refused():
+def test_budget_under_deepspeed_needs_a_zero_stage():
     args = _Args()
     args.deepspeed = 'zero2'
-    with pytest.raises(ValueError, match='DeepSpeed steps its optimizer inside its own engine'):
+    C.check_run(args, C.CISPOConfig(kl_budget=0.05))  # skipped inside the ZeRO optimizer (test_deepspeed_gate.py)
+    args.deepspeed = 'zero0'
+    with pytest.raises(ValueError, match='CISPO_KL_BUDGET=0.05 with --deepspeed at ZeRO stage 0'):
         C.check_run(args, C.CISPOConfig(kl_budget=0.05))
 
 

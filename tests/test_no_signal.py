@@ -82,17 +82,18 @@ def test_option_parses_like_every_boolean():
         CISPOConfig.from_env({'CISPO_SKIP_NO_SIGNAL': 'maybe'})
 
 
-def test_skip_under_deepspeed_is_refused():
+def test_skip_under_deepspeed_needs_readable_gradients():
     from test_kl_budget import _Args
 
     from cispo_swift import config as C
 
     args = _Args()
-    args.deepspeed = 'zero3'
-    with pytest.raises(ValueError, match='CISPO_SKIP_NO_SIGNAL=1 with --deepspeed'):
+    args.deepspeed = 'zero3_offload'
+    with pytest.raises(ValueError, match='CISPO_SKIP_NO_SIGNAL=1 with DeepSpeed optimizer offload'):
         C.check_run(args, CISPOConfig(skip_no_signal=True))
-    args.deepspeed = None
-    C.check_run(args, CISPOConfig(skip_no_signal=True))
+    for deepspeed in (None, 'zero1', 'zero2', 'zero3'):
+        args.deepspeed = deepspeed
+        C.check_run(args, CISPOConfig(skip_no_signal=True))
 
 
 # ---- end to end ---------------------------------------------------------------------------------------------------
