@@ -221,3 +221,21 @@ def test_dynamic_sample_with_the_budget_and_the_skip(tiny, tmp_path):
     assert [r['cispo/kl_budget_skipped'] for r in rows] == [0.0, 1.0, 0.0, 1.0]
     assert [r['cispo/no_signal_skipped'] for r in rows] == [0.0] * 4  # resampling left no batch without signal
     assert all(r['cispo/approx_kl'] == 0.0 for r in rows[0::2])
+
+
+@pytest.mark.slow
+def test_no_signal_skip_under_fsdp2(tiny, tmp_path):
+    """FSDP2 (forced on for CPU by tests/fsdp_cpu_plugin.py): the gradients are sharded DTensors; each rank tests its
+    shard and the ranks agree."""
+    from swift_run import SCALE_FLAGS, check_ok, logged_steps, run_swift
+
+    out = tmp_path / 'run'
+    flags = [*SCALE_FLAGS, '--fsdp', 'fsdp2', '--weight_decay', '0.1', '--beta', '0', '--num_iterations', '1']
+    flags += ['--reward_funcs', 'cispo_test_alternating_reward', '--per_device_train_batch_size', '2']
+    plugins = [SIGNAL_PLUGIN, str(HERE / 'fsdp_cpu_plugin.py')]
+    result = run_swift(tiny, out, *flags, nproc=2, extra_plugins=plugins, env={'CISPO_SKIP_NO_SIGNAL': '1'})
+    check_ok(result, exit_abort_ok=True)
+    assert 'fsdp-cpu: FSDP2 on' in result.stdout + result.stderr
+    rows = logged_steps(out)
+    assert [r['cispo/no_signal_skipped'] for r in rows] == [1.0, 0.0, 1.0, 0.0]
+    assert [r['grad_norm'] == 0.0 for r in rows] == [True, False, True, False]
