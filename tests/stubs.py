@@ -55,6 +55,7 @@ def make_trainer(cispo: CISPOConfig | None = None, **arg_overrides) -> CISPOGRPO
     trainer.args = default_args(**arg_overrides)
     trainer.model = _Model()
     trainer.accelerator = SingleProcessAccelerator()
+    trainer.is_deepspeed_enabled = False  # set by transformers.Trainer.__init__
     trainer._has_teacher = False
     trainer.chord_sft_iterator = None
     trainer.model_accepts_loss_kwargs = False
