@@ -80,6 +80,8 @@ def validate_parsed_args(args) -> None:
         return
     cfg = config.current_config()
     resolved = config.check_run(args, cfg)
+    check_processes(args)
+    check_vllm_installed(args, cfg)
     checkpoint = args.resume_from_checkpoint
     resume.check_checkpoint_path(checkpoint)
     saved = resume.saved_settings(checkpoint)
@@ -88,6 +90,53 @@ def validate_parsed_args(args) -> None:
 
         current = config.effective_settings(args, cfg, resolved)
         resume.compare_settings(checkpoint, saved, current, cfg.allow_config_change, get_logger())
+
+
+def check_processes(args, environ=None) -> None:
+    """Refuse a multi-process launch (NPROC_PER_NODE, torchrun: WORLD_SIZE > 1) on a machine without GPUs and
+    without `--use_cpu true`: transformers would train each process alone, and the trainer refuses that only after
+    the model has loaded (`config.check_launch`)."""
+    environ = os.environ if environ is None else environ
+    try:
+        world = int(environ.get('WORLD_SIZE', '1'))
+    except ValueError:
+        return
+    if world <= 1 or getattr(args, 'use_cpu', False) or _has_accelerator():
+        return
+    raise ValueError(
+        f'{world} processes (NPROC_PER_NODE / torchrun) on a machine without GPUs, without --use_cpu true: '
+        'transformers trains data-parallel on the CPU only with --use_cpu true; otherwise every process would train '
+        "alone on its own batch and overwrite the others' output. Add --use_cpu true (data parallel over gloo), or "
+        'launch one process (unset NPROC_PER_NODE).'
+    )
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or any(
+        getattr(torch, name, None) is not None and getattr(torch, name).is_available() for name in ('xpu', 'npu')
+    )
+
+
+def check_vllm_installed(args, cfg) -> None:
+    """Refuse `--use_vllm true` where vLLM cannot be imported: swift raises its ImportError only after the model has
+    loaded (rollout_mixin, ms-swift 4.6.0)."""
+    if not getattr(args, 'use_vllm', False):
+        return
+    from swift.utils import is_vllm_available
+
+    if is_vllm_available():
+        return
+    anchor = (
+        ' CISPO_ANCHOR=rollout needs it too: the rollout log-probs come from vLLM.' if cfg.anchor == 'rollout' else ''
+    )
+    raise ValueError(
+        f'--use_vllm true, but vLLM is not installed in this Python ({sys.prefix}): swift would stop with an '
+        f'ImportError after loading the model.{anchor} Install vLLM (on a CPU machine: bash scripts/setup.sh --vllm '
+        'makes .venv-vllm, see docs/vllm_cpu.md in cispo-swift), or leave out --use_vllm to generate with the '
+        'trainer (then CISPO_ANCHOR=old).'
+    )
 
 
 def swift_args_being_parsed():
