@@ -52,6 +52,7 @@ def load_plugin() -> None:
     except (ValueError, TypeError) as error:
         if os.environ.get('RANK', '0') == '0':  # one message for a multi-process launch
             print(_refusal(error), file=sys.stderr, flush=True)
+        record_for_torchrun(error)
         raise SystemExit(2) from None
     if getattr(args, 'rlhf_type', None) == 'grpo':
         deepspeed_cpu.prepare(args)  # DeepSpeed on CPU: its distributed state, which transformers leaves out
@@ -148,6 +149,25 @@ def swift_args_being_parsed():
             return candidate
         frame = frame.f_back
     return None
+
+
+def record_for_torchrun(error: Exception) -> None:
+    """Under torchrun, write the refusal where torchrun reads a failed worker's error (TORCHELASTIC_ERROR_FILE, in
+    the format of torch.distributed.elastic's ErrorHandler): its ChildFailedError summary, which it prints after
+    the message with exit status 1, then names the refusal as the root cause instead of "To enable traceback see".
+    The plugin loads in the workers, so the launcher itself cannot be kept from starting them."""
+    path = os.environ.get('TORCHELASTIC_ERROR_FILE')
+    if not path:
+        return
+    import json
+    import time
+
+    message = f'cispo-swift refused to start (nothing was loaded): {error}'
+    try:
+        with open(path, 'w') as f:
+            json.dump({'message': {'message': message, 'extraInfo': {'timestamp': str(int(time.time()))}}}, f)
+    except OSError:
+        pass  # the summary then says what torchrun says without it
 
 
 def _refusal(error: Exception) -> str:

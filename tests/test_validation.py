@@ -172,6 +172,28 @@ def test_refusal_prints_one_block_and_exits_2(monkeypatch, capsys):
     assert "  CISPO_NORM='tokens' is not valid" in err and 'Traceback' not in err
 
 
+def test_under_torchrun_the_refusal_is_the_root_cause_of_its_summary(monkeypatch, tmp_path, capsys):
+    """torchrun prints a ChildFailedError summary after a worker exits non-zero; the refusal is written where it reads
+    the worker's error, so the summary names it instead of "To enable traceback see"."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    class Args:
+        def __init__(self):
+            self.__dict__.update(vars(_args()))
+            registry.load_plugin()
+
+    error_file = tmp_path / 'error.json'
+    monkeypatch.setenv('TORCHELASTIC_ERROR_FILE', str(error_file))
+    monkeypatch.setenv('CISPO_NORM', 'tokens')
+    with pytest.raises(SystemExit):
+        Args()
+    capsys.readouterr()
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file=str(error_file))
+    summary = ChildFailedError('swift/cli/rlhf.py', {0: failure}).format_msg()
+    assert "cispo-swift refused to start (nothing was loaded): CISPO_NORM='tokens' is not valid" in summary
+    assert 'To enable traceback' not in summary
+
+
 def test_package_init_handed_to_swift_works_as_the_plugin(monkeypatch):
     from swift.trainers import TrainerFactory
     from swift.utils import import_external_file
