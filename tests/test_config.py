@@ -177,6 +177,14 @@ def test_readme_options_table_is_current():
     assert C.options_table() in readme, 'README.md: paste the output of `python -m cispo_swift options`'
 
 
+def test_readme_stays_short():
+    """The README is the quickstart, the options and one line per result (at most 160 lines); the rest is in docs/."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / 'README.md').read_text()
+    assert len(readme.splitlines()) <= 160, 'README.md: move long material to docs/ (results: docs/results.md)'
+
+
 def test_sequence_weight_with_token_normalisation_warns(caplog):
     from swift.utils import get_logger
 
