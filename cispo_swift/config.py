@@ -132,6 +132,11 @@ class CISPOConfig:
     )
 
     def __post_init__(self):
+        # One parser for every way in: a keyword of `configure`, a constructor argument and a variable all go through
+        # `_parse`, so `mask='no'`, `mask=False` and CISPO_MASK=no are the same setting, and `fused_logps=2` is refused
+        # as CISPO_FUSED_LOGPS=2 is.
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f, getattr(self, f.name)))
         self.validate()
 
     def validate(self) -> None:
@@ -169,7 +174,8 @@ class CISPOConfig:
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None, **overrides) -> CISPOConfig:
-        """Options from `CISPO_*` variables, then `overrides` (keyword arguments win). Unknown variables fail."""
+        """Options from `CISPO_*` variables, then `overrides` (keyword arguments win; the variables they do not
+        name still apply). Unknown variables fail; an override takes the values its variable takes (see `_coerce`)."""
         environ = os.environ if environ is None else environ
         valid = {_env_name(f.name): f for f in dataclasses.fields(cls)}
         # Environment names are case-sensitive: `cispo_norm` would be ignored, so any casing of the prefix counts.
@@ -201,10 +207,35 @@ _INT = re.compile(r'[+-]?\d+')
 _TRUE, _FALSE = ('1', 'true', 'yes', 'on'), ('0', 'false', 'no', 'off')
 
 
+def _coerce(f: dataclasses.Field, value):
+    """A value given in Python (a keyword of `configure`, a `CISPOConfig` argument) as the equal `CISPO_*` value:
+    a str as written, a bool as true/false, a number as its literal, None as "unset" where the option can be unset;
+    then `_parse`. So a value is accepted or refused exactly as the variable would be."""
+    name = _env_name(f.name)
+    if value is None and 'Optional' in str(f.type):
+        return None
+    if isinstance(value, bool):
+        text = 'true' if value else 'false'
+    elif isinstance(value, (int, float)):
+        text = repr(value)
+    elif isinstance(value, str):
+        text = value
+    else:
+        raise TypeError(
+            f'{f.name}={value!r} ({type(value).__name__}): a CISPO option takes a str, bool or number, the values '
+            f'its variable {name} takes. {f.metadata["help"]}'
+        )
+    try:
+        return _parse(name, text, f)
+    except ValueError as error:
+        shown = value if isinstance(value, str) else text
+        raise ValueError(f'{f.name}={value!r} is refused as {name}={shown} would be: {error}') from None
+
+
 def _parse(env_name: str, raw: str, f: dataclasses.Field):
     """One `CISPO_*` value. One rule for every option: an empty value is refused (unset the variable for the
-    default); numbers are plain decimal literals (no `1_0`, no hex), NaN is refused, and a finite literal beyond
-    the float range (1e309) is refused rather than read as inf."""
+    default); numbers are plain decimal literals (no `1_0`, no hex), NaN is refused, and a literal beyond the float
+    range is refused rather than read as inf (1e309) or 0 (1e-400)."""
     text = raw.strip()
     kind = f.type if isinstance(f.type, str) else getattr(f.type, '__name__', str(f.type))
     default = 'unset' if f.default is None else int(f.default) if isinstance(f.default, bool) else f.default
@@ -232,6 +263,11 @@ def _parse(env_name: str, raw: str, f: dataclasses.Field):
             raise ValueError(
                 f'{env_name}={raw!r} is beyond the float range and would read as inf; write inf if that is meant.'
             )
+        if value == 0.0 and re.search('[1-9]', re.split('[eE]', text)[0]):
+            raise ValueError(
+                f'{env_name}={raw!r} is below the float range and would read as 0; write 0 if that is meant. '
+                f'{f.metadata["help"]}'
+            )
         return value
     if 'int' in kind:
         if not _INT.fullmatch(text):
@@ -255,14 +291,21 @@ _configured: Optional[CISPOConfig] = None
 
 
 def configure(config: Optional[CISPOConfig] = None, **kwargs) -> CISPOConfig:
-    """Python API: set the options the trainer will use (instead of `CISPO_*` variables) and register it.
+    """Python API: set the options the trainer will use and register it, before `rlhf_main(args)`.
 
-    `configure(norm='prompt')` or `configure(CISPOConfig(...))`, before `rlhf_main(args)`.
+    `configure(norm='prompt')`: the `CISPO_*` variables, with these keywords winning over them. Each keyword takes
+    the values of its variable, through the same parser and checks (`'no'`, `False` and `0` are the same for a
+    switch), and a wrong one is refused here. `configure(CISPOConfig(...))`: exactly that config, variables ignored.
     """
     global _configured
+    if config is not None and not isinstance(config, CISPOConfig):
+        raise TypeError(
+            f'configure() takes keyword options or a CISPOConfig, not {type(config).__name__} {config!r}. '
+            'For a dict of options write configure(**options).'
+        )
     if config is not None and kwargs:
         raise TypeError('configure() takes a CISPOConfig or keyword options, not both.')
-    _configured = config if config is not None else CISPOConfig.from_env(environ={}, **kwargs)
+    _configured = config if config is not None else CISPOConfig.from_env(**kwargs)
     from cispo_swift.registry import register
 
     register()
@@ -394,8 +437,9 @@ _RANGES = (
     ('temperature', lambda v: 0.0 < v < math.inf, 'a finite number > 0 (e.g. 1.0, or 0.7)',
      'sampling divides the logits by it (0: division by zero, NaN log-probs at the first step; negative: the '
      'least likely tokens are sampled), and the trainer scores the completions at the same temperature'),
-    ('top_entropy_quantile', lambda v: 0.0 <= v <= 1.0, 'a number in [0, 1] (1.0: every token)',
-     'it is the quantile of token entropies above which tokens are kept in the loss'),
+    ('top_entropy_quantile', lambda v: 0.0 < v <= 1.0, 'a number in (0, 1] (1.0: every token; 0.2: the top 20%)',
+     'it is the share of tokens, by entropy, kept in the loss; 0 sets the threshold at the micro-batch\'s largest '
+     'entropy, so about one token per micro-batch trains'),
 )  # fmt: skip
 
 
@@ -483,6 +527,19 @@ def ineffective_settings(args, cfg: CISPOConfig) -> List[str]:
             unused.append(
                 f'{_env_name(name)}={getattr(cfg, name)} has no effect without CISPO_MASK=1 (the unified mask is off).'
             )
+    if cfg.mask and cfg.anchor == 'old' and _on_policy_only(args):
+        unused.append(
+            'CISPO_MASK=1 has no effect: with --num_iterations 1 and --steps_per_generation equal to '
+            '--gradient_accumulation_steps every optimizer step is on-policy, so r = π_θ/π_old is 1 at every token '
+            'and the mask drops none. It bounds off-policy updates: use it with --num_iterations > 1 (or '
+            'CISPO_ANCHOR=rollout with vLLM).'
+        )
+    elif cfg.mask and cfg.mask_eps_low >= 1.0 and math.isinf(cfg.mask_eps_high):
+        unused.append(
+            f'CISPO_MASK=1 has no effect with CISPO_MASK_EPS_LOW={cfg.mask_eps_low} (≥ 1: r < 1 − ε never holds) and '
+            'CISPO_MASK_EPS_HIGH=inf: neither side drops a token. Give a finite width (e.g. 0.2, the default), or '
+            'unset CISPO_MASK.'
+        )
     if cfg.kl_budget is not None and _on_policy_only(args):
         unused.append(
             f'CISPO_KL_BUDGET={cfg.kl_budget} has no effect: with --num_iterations 1 and --steps_per_generation equal '

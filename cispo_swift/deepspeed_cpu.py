@@ -7,7 +7,8 @@ swift parses its arguments (the plugin file calls `check`, then `prepare`), befo
   branch and never calls `deepspeed.init_distributed`, so `deepspeed.zero.Init` (ZeRO-3 model loading) sees world
   size 1 and stops: "train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size 8 !=
   4 * 1 * 1". `prepare` initialises DeepSpeed's communication with gloo first; accelerate then finds
-  torch.distributed initialised and uses that process group.
+  torch.distributed initialised and uses that process group. In one process started without torchrun (no RANK,
+  WORLD_SIZE), DeepSpeed would look for MPI (`mpi4py`) instead: `prepare` describes the single process to it.
 - **fp16.** swift turns `--fp16` on for float32 (and float16) models when neither `--fp16` nor `--bf16` is given
   (`ModelArguments._init_mixed_precision`), and DeepSpeed's engine rejects fp16 on a CPU without fp16 kernels
   ("Type fp16 is not supported on your device.") only after the model has loaded. `check_fp16` refuses it first.
@@ -87,13 +88,26 @@ def _config_dtype(model: Optional[str]) -> Optional[str]:
 
 
 def init_distributed() -> None:
-    """DeepSpeed's communication backend on gloo, in a process launched by torchrun (RANK/WORLD_SIZE set)."""
+    """DeepSpeed's communication backend on gloo: in a process launched by torchrun (RANK/WORLD_SIZE set), or in a
+    single process, which is then described as rank 0 of 1 on a free local port (as torchrun would set it)."""
     if 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ:
-        return
+        if 'RANK' in os.environ or 'WORLD_SIZE' in os.environ:
+            return  # half a launch description: leave it to the launcher's own error
+        os.environ.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', LOCAL_WORLD_SIZE='1')
+        os.environ.setdefault('MASTER_ADDR', '127.0.0.1')
+        os.environ.setdefault('MASTER_PORT', str(_free_port()))
     import deepspeed
 
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend='gloo', auto_mpi_discovery=False)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
 
 
 def _accelerator():

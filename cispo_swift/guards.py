@@ -82,15 +82,25 @@ def nonfinite_loss_error(
     beta: float,
     global_step: int,
     rank: int,
+    advantages: Optional[torch.Tensor] = None,
+    logps: Optional[torch.Tensor] = None,
 ) -> FloatingPointError:
-    """The error for a NaN/inf loss from finite inputs, naming the step and why (`token_log_ratio`, `mask`: [B, T])."""
+    """The error for a NaN/inf loss from finite inputs, naming the step and why (`token_log_ratio`, `mask`,
+    `advantages`, `logps`: [B, T]). Without a cap the weight is the suspect when r itself, or the product
+    r · Â · log π the loss forms, passes the float32 range (computed here in float64)."""
     mask = mask.bool()
     largest = float(torch.where(mask, token_log_ratio, -torch.inf).max()) if mask.any() else float('nan')
-    if (upper is None or upper == math.inf) and largest > 88.7:
+    product = 0.0
+    if advantages is not None and logps is not None and mask.any():
+        size = torch.exp(token_log_ratio.double()) * advantages.double().abs() * logps.double().abs().clamp(min=1.0)
+        product = float(torch.where(mask, size, 0.0).max())
+    float32_max = torch.finfo(torch.float32).max
+    if (upper is None or upper == math.inf) and (largest > 88.7 or product > float32_max):
+        what = 'r' if largest > 88.7 else f'the product r · Â · log π ({product:.3g})'
         cause = (
-            f'the importance weight r = exp({largest:.1f}) overflowed float32: --epsilon_high inf sets no cap. '
-            'Set a finite cap (e.g. --epsilon_high 5.0), or lower --learning_rate / --num_iterations so the policy '
-            'drifts less from π_old.'
+            f'the importance weight r = exp({largest:.1f}) has no cap (--epsilon_high inf), and {what} overflowed '
+            'float32. Set a finite cap (e.g. --epsilon_high 5.0), or lower --learning_rate / --num_iterations so '
+            'the policy drifts less from π_old.'
         )
     else:
         cause = (

@@ -107,8 +107,11 @@ def per_token_loss(
         weight: detached CISPO weight from `importance_weight`, [B, T] or [B, 1].
         advantages: Â, [B, T] (swift expands per-sequence advantages to tokens) or [B, 1].
         token_mask: optional unified mask M (eq. 6), [B, T] bool; dropped tokens are selected away (0), not
-            multiplied, so a non-finite value there cannot reach the loss.
+            multiplied, in the weight and in the loss, so a non-finite weight there (an uncapped r past float32)
+            reaches neither the loss nor the gradient (0 · inf in backward would be NaN).
     """
+    if token_mask is not None:
+        weight = torch.where(token_mask, weight, 0.0)
     loss = -weight * advantages * logps
     if token_mask is not None:
         loss = torch.where(token_mask, loss, 0.0)
@@ -121,12 +124,13 @@ def at_least_float32(x: torch.Tensor) -> torch.Tensor:
 
 
 def k3_kl(ref_logps: torch.Tensor, logps: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(π_θ || π_ref) = exp(ref − θ) − (ref − θ) − 1, with swift's bounds. [B, T].
+    """Per-token k3 estimate of KL(π_θ || π_ref) = exp(x) − x − 1 with x = ref − θ, with swift's bounds. [B, T].
 
-    Computed in float32 at least (the gradient flows back to `logps` in its own dtype)."""
+    Computed in float32 at least (the gradient flows back to `logps` in its own dtype), as expm1(x) − x: near x = 0,
+    where the KL is about x²/2, exp(x) − 1 would cancel to float32 rounding (as `cispo_stats`' approx_kl does)."""
     ref_logps, logps = at_least_float32(ref_logps), at_least_float32(logps)
     log_ratio = torch.clamp(ref_logps - logps, min=-_KL_LOG_RATIO_BOUND, max=_KL_LOG_RATIO_BOUND)
-    return torch.clamp(torch.exp(log_ratio) - log_ratio - 1, min=-_KL_VALUE_BOUND, max=_KL_VALUE_BOUND)
+    return torch.clamp(torch.expm1(log_ratio) - log_ratio, min=-_KL_VALUE_BOUND, max=_KL_VALUE_BOUND)
 
 
 def token_scale(
@@ -233,12 +237,13 @@ def cispo_objective(logps: torch.Tensor, tokens: TokenInputs, objective: Objecti
     log_ratio = torch.where(keep, log_ratio, 0.0)
     advantages = torch.where(keep, tokens.advantages, 0.0)
     weight = importance_weight(log_ratio, objective.lower, objective.upper)  # sg(clip(r))
-    token_mask = None
+    token_mask = None  # tokens the policy term keeps: the unified mask and the entropy mask, both selected
     if objective.mask_eps is not None:
         token_mask = unified_token_mask(log_ratio, advantages, *objective.mask_eps)
-    loss = per_token_loss(logps, weight, advantages, token_mask)
     if tokens.entropy_mask is not None:
-        loss = loss * tokens.entropy_mask
+        entropy_mask = tokens.entropy_mask.bool()
+        token_mask = entropy_mask if token_mask is None else token_mask & entropy_mask
+    loss = per_token_loss(logps, weight, advantages, token_mask)
     if objective.beta != 0.0:
         ref = torch.where(keep, tokens.ref_logps, logps.detach())  # KL 0 with a finite gradient where masked
         loss = loss + objective.beta * k3_kl(ref, logps)

@@ -52,6 +52,7 @@ def load_plugin() -> None:
     except (ValueError, TypeError) as error:
         if os.environ.get('RANK', '0') == '0':  # one message for a multi-process launch
             print(_refusal(error), file=sys.stderr, flush=True)
+        record_for_torchrun(error)
         raise SystemExit(2) from None
     if getattr(args, 'rlhf_type', None) == 'grpo':
         deepspeed_cpu.prepare(args)  # DeepSpeed on CPU: its distributed state, which transformers leaves out
@@ -80,6 +81,8 @@ def validate_parsed_args(args) -> None:
         return
     cfg = config.current_config()
     resolved = config.check_run(args, cfg)
+    check_processes(args)
+    check_vllm_installed(args, cfg)
     checkpoint = args.resume_from_checkpoint
     resume.check_checkpoint_path(checkpoint)
     saved = resume.saved_settings(checkpoint)
@@ -88,6 +91,53 @@ def validate_parsed_args(args) -> None:
 
         current = config.effective_settings(args, cfg, resolved)
         resume.compare_settings(checkpoint, saved, current, cfg.allow_config_change, get_logger())
+
+
+def check_processes(args, environ=None) -> None:
+    """Refuse a multi-process launch (NPROC_PER_NODE, torchrun: WORLD_SIZE > 1) on a machine without GPUs and
+    without `--use_cpu true`: transformers would train each process alone, and the trainer refuses that only after
+    the model has loaded (`config.check_launch`)."""
+    environ = os.environ if environ is None else environ
+    try:
+        world = int(environ.get('WORLD_SIZE', '1'))
+    except ValueError:
+        return
+    if world <= 1 or getattr(args, 'use_cpu', False) or _has_accelerator():
+        return
+    raise ValueError(
+        f'{world} processes (NPROC_PER_NODE / torchrun) on a machine without GPUs, without --use_cpu true: '
+        'transformers trains data-parallel on the CPU only with --use_cpu true; otherwise every process would train '
+        "alone on its own batch and overwrite the others' output. Add --use_cpu true (data parallel over gloo), or "
+        'launch one process (unset NPROC_PER_NODE).'
+    )
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or any(
+        getattr(torch, name, None) is not None and getattr(torch, name).is_available() for name in ('xpu', 'npu')
+    )
+
+
+def check_vllm_installed(args, cfg) -> None:
+    """Refuse `--use_vllm true` where vLLM cannot be imported: swift raises its ImportError only after the model has
+    loaded (rollout_mixin, ms-swift 4.6.0)."""
+    if not getattr(args, 'use_vllm', False):
+        return
+    from swift.utils import is_vllm_available
+
+    if is_vllm_available():
+        return
+    anchor = (
+        ' CISPO_ANCHOR=rollout needs it too: the rollout log-probs come from vLLM.' if cfg.anchor == 'rollout' else ''
+    )
+    raise ValueError(
+        f'--use_vllm true, but vLLM is not installed in this Python ({sys.prefix}): swift would stop with an '
+        f'ImportError after loading the model.{anchor} Install vLLM (on a CPU machine: bash scripts/setup.sh --vllm '
+        'makes .venv-vllm, see docs/vllm_cpu.md in cispo-swift), or leave out --use_vllm to generate with the '
+        'trainer (then CISPO_ANCHOR=old).'
+    )
 
 
 def swift_args_being_parsed():
@@ -99,6 +149,25 @@ def swift_args_being_parsed():
             return candidate
         frame = frame.f_back
     return None
+
+
+def record_for_torchrun(error: Exception) -> None:
+    """Under torchrun, write the refusal where torchrun reads a failed worker's error (TORCHELASTIC_ERROR_FILE, in
+    the format of torch.distributed.elastic's ErrorHandler): its ChildFailedError summary, which it prints after
+    the message with exit status 1, then names the refusal as the root cause instead of "To enable traceback see".
+    The plugin loads in the workers, so the launcher itself cannot be kept from starting them."""
+    path = os.environ.get('TORCHELASTIC_ERROR_FILE')
+    if not path:
+        return
+    import json
+    import time
+
+    message = f'cispo-swift refused to start (nothing was loaded): {error}'
+    try:
+        with open(path, 'w') as f:
+            json.dump({'message': {'message': message, 'extraInfo': {'timestamp': str(int(time.time()))}}}, f)
+    except OSError:
+        pass  # the summary then says what torchrun says without it
 
 
 def _refusal(error: Exception) -> str:

@@ -15,8 +15,9 @@ import re
 from typing import Any, Dict, Optional
 
 CONFIG_FILE = 'cispo_config.json'
-# Saved with the settings but not compared on resume: it does not change the loss.
-RESUME_UNCHECKED = ('allow_config_change',)
+# Saved with the settings but not compared on resume: they do not change the loss (check_finite only stops a run
+# whose loss or gradient is already NaN/inf).
+RESUME_UNCHECKED = ('allow_config_change', 'check_finite')
 # How to set each saved setting back, for the resume error; the weight bounds follow from the others.
 SETTING_FLAGS = {
     'epsilon_high': '--epsilon_high',
@@ -40,6 +41,14 @@ def check_checkpoint_path(path) -> None:
     """
     if not isinstance(path, str) or not path:
         return
+    if os.path.isfile(path):
+        parent = os.path.dirname(os.path.abspath(path))
+        holds = os.path.isfile(os.path.join(parent, 'trainer_state.json'))
+        hint = f'Pass the directory that holds it: {parent}.' if holds else 'Pass a checkpoint-N directory.'
+        raise ValueError(
+            f'--resume_from_checkpoint {path} is a file; a checkpoint is a directory (OUTPUT_DIR/.../checkpoint-N, '
+            f'with trainer_state.json and the weights). {hint}'
+        )
     if not os.path.isdir(path):
         raise ValueError(
             f'--resume_from_checkpoint {path}: no such directory. Pass a checkpoint directory written by a previous '
@@ -108,7 +117,7 @@ def compare_settings(checkpoint: str, saved: Dict[str, Any], current: Dict[str, 
         if key not in RESUME_UNCHECKED and saved.get(key, missing) != current.get(key, missing)
     ]
     if not changed:
-        log.info(f'cispo-swift: resuming from {checkpoint} with the CISPO settings it was saved with.')
+        _log_once(log.info, f'cispo-swift: resuming from {checkpoint} with the CISPO settings it was saved with.')
         return
 
     def show(value):
@@ -119,8 +128,8 @@ def compare_settings(checkpoint: str, saved: Dict[str, Any], current: Dict[str, 
         f'Resuming from {checkpoint} with CISPO settings that differ from those saved in its {CONFIG_FILE}:\n'
         f'{lines}\nThe loss would change in the middle of the run.'
     )
-    if allow_change:
-        log.warning(f'{message} Continuing, because CISPO_ALLOW_CONFIG_CHANGE=1.')
+    if allow_change:  # the plugin file and the trainer both compare: one warning
+        _log_once(log.warning, f'{message} Continuing, because CISPO_ALLOW_CONFIG_CHANGE=1.')
         return
     hints = [_setting_hint(key, old) for key, old, _ in changed if old is not missing]
     restore = ', '.join(h for h in hints if h) or 'the values above'
@@ -128,6 +137,15 @@ def compare_settings(checkpoint: str, saved: Dict[str, Any], current: Dict[str, 
         f'{message} To resume as trained, use: {restore}. If the change is intended, set '
         'CISPO_ALLOW_CONFIG_CHANGE=1 (Python API: cispo_swift.configure(..., allow_config_change=True)).'
     )
+
+
+_logged = set()
+
+
+def _log_once(emit, message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        emit(message)
 
 
 def _setting_hint(key: str, value) -> Optional[str]:

@@ -201,10 +201,11 @@ class CISPOGRPOTrainer(GRPOTrainer):
             raise guards.nonfinite_loss_error(
                 loss, token_log_ratio, step.mask, self.cispo_resolved.upper, self.cispo_objective.beta,
                 self.state.global_step, self.accelerator.process_index,
+                step.tokens.advantages.view_as(step.mask), step.logps.detach(),
             )  # fmt: skip
         log_ratio = step.tokens.log_ratio
-        if log_ratio is None:
-            log_ratio = step.logps.detach().reshape(-1) - step.tokens.anchor
+        if log_ratio is None:  # in float32 at least, as the loss forms it: a bf16 difference misses the cap
+            log_ratio = L.at_least_float32(step.logps.detach().reshape(-1)) - L.at_least_float32(step.tokens.anchor)
         kl = None if self.cispo_objective.beta == 0.0 else L.k3_kl(grpo_batch.ref_per_token_logps, step.logps.detach())
         stats = L.cispo_stats(
             log_ratio.view_as(step.mask),
@@ -259,9 +260,8 @@ class CISPOGRPOTrainer(GRPOTrainer):
         old = logps.detach() if old is None else old
         loss_mask = mirror.off_policy_mask(self, logps, old, mask, grpo_batch)
         tokens, rollout_metrics = self._token_inputs(grpo_batch, old, mask, loss_mask, entropy_mask)
-        seq_log_ratio = mirror.sequence_log_ratio(
-            self, torch.where(mask, logps.detach() - tokens.anchor.view_as(mask), 0.0), mask
-        )
+        token_log_ratio = L.at_least_float32(logps.detach()) - L.at_least_float32(tokens.anchor.view_as(mask))
+        seq_log_ratio = mirror.sequence_log_ratio(self, torch.where(mask, token_log_ratio, 0.0), mask)
         if seq_log_ratio is not None:
             tokens.log_ratio = seq_log_ratio.expand_as(mask).reshape(-1)
         loss = L.cispo_objective(logps.reshape(-1), tokens, self.cispo_objective)

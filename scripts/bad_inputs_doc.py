@@ -30,10 +30,13 @@ TASKS = str(ROOT / 'cispo_swift' / 'demo' / 'reward_plugin.py')
 NONFINITE = str(ROOT / 'tests' / 'nonfinite_reward_plugin.py')
 MODEL_LOADED = 'model_parameter_info'
 
-# (label, env, swift rlhf flags or ['python', '-m', ...], expected: refused | warning | ok | stops | swift-refuses)
-# 'refused': cispo-swift refuses at argument parsing, exit 2, before the model loads; 'stops': the run starts and
-# stops with an error naming the step; 'swift-refuses': swift itself refuses first (not the plugin).
+# (label, env, swift rlhf flags or ['python', '-m'/'-c', ...], expected: refused | refused-torchrun | raises | warning |
+# ok | stops | swift-refuses)
+# 'refused': cispo-swift refuses at argument parsing, exit 2, before the model loads; 'refused-torchrun': the same
+# under torchrun, whose summary follows with exit 1; 'raises': the Python API raises at the call; 'stops': the run
+# starts and stops with an error naming the step; 'swift-refuses': swift itself refuses first (not the plugin).
 Case = Tuple[str, Dict[str, str], List[str], str]
+API = 'import cispo_swift; cispo_swift.configure'  # `python -c` cases: the Python API, flags formatted as the rest
 CASES: List[Case] = [
     ('--epsilon_high nan', {}, ['--epsilon_high', 'nan'], 'refused'),
     ('--epsilon_high 0', {}, ['--epsilon_high', '0'], 'refused'),
@@ -89,6 +92,34 @@ CASES: List[Case] = [
     ('summary BINARY_FILE', {}, ['python', '-m', 'cispo_swift', 'summary', '{binary}'], 'refused'),
     ('model smollm2 --out UNDER_A_FILE', {}, ['python', '-m', 'cispo_swift', 'model', 'smollm2', '--out',
                                             '{binary}/model'], 'refused'),
+    ('CISPO_MASK=1 on-policy (--num_iterations 1)', {'CISPO_MASK': '1'}, ['--num_iterations', '1'], 'warning'),
+    ('CISPO_MASK=1 with both mask eps inf', {'CISPO_MASK': '1', 'CISPO_MASK_EPS_LOW': 'inf',
+                                             'CISPO_MASK_EPS_HIGH': 'inf'}, [], 'warning'),
+    ('CISPO_MASK_EPS_HIGH=1e-400', {'CISPO_MASK': '1', 'CISPO_MASK_EPS_HIGH': '1e-400'}, [], 'refused'),
+    ('CISPO_KL_BUDGET=1e-400', {'CISPO_KL_BUDGET': '1e-400'}, [], 'refused'),
+    ('--top_entropy_quantile 0', {}, ['--top_entropy_quantile', '0'], 'refused'),
+    ('--resume_from_checkpoint FILE', {}, ['--resume_from_checkpoint', '{checkpoint}/trainer_state.json'], 'refused'),
+    ('resume with only CISPO_CHECK_FINITE changed', {'CISPO_CHECK_FINITE': '0'},
+     ['--resume_from_checkpoint', '{checkpoint}'], 'ok'),
+    ('CISPO_ANCHOR=rollout --use_vllm true without vLLM', {'CISPO_ANCHOR': 'rollout'},
+     ['--use_vllm', 'true', '--vllm_mode', 'colocate'], 'refused'),
+    ('--deepspeed zero3 --use_cpu true in one process', {}, ['--deepspeed', 'zero3', '--use_cpu', 'true', '--fp16',
+                                                             'false'], 'ok'),
+    ('NPROC_PER_NODE=2 without GPUs and without --use_cpu', {'NPROC_PER_NODE': '2', 'CUDA_VISIBLE_DEVICES': ''}, [],
+     'refused-torchrun'),
+    ('configure(mask=\'maybe\')', {}, ['python', '-c', API + "(mask='maybe')"], 'raises'),
+    ('configure(fused_chunk_size=1.5)', {}, ['python', '-c', API + '(fused_chunk_size=1.5)'], 'raises'),
+    ('configure({\'norm\': \'prompt\'})', {}, ['python', '-c', API + "({{'norm': 'prompt'}})"], 'raises'),
+    ('evaluate --n 0', {}, ['python', '-m', 'cispo_swift.demo.evaluate', '{model}', '--n', '0'], 'refused'),
+    ('evaluate --temperature -1', {}, ['python', '-m', 'cispo_swift.demo.evaluate', '{model}', '--samples', '2',
+                                      '--temperature', '-1'], 'refused'),
+    ('evaluate --max-new-tokens 0', {}, ['python', '-m', 'cispo_swift.demo.evaluate', '{model}', '--max-new-tokens',
+                                        '0'], 'refused'),
+    ('evaluate MISSING_DIR', {}, ['python', '-m', 'cispo_swift.demo.evaluate', '{model}/missing'], 'refused'),
+    ('evaluate --json nodir/x.json', {}, ['python', '-m', 'cispo_swift.demo.evaluate', '{model}', '--json',
+                                         'nodir/x.json'], 'refused'),
+    ('summary trainer_state.json', {}, ['python', '-m', 'cispo_swift', 'summary', '{checkpoint}/trainer_state.json'],
+     'refused'),
 ]  # fmt: skip
 
 BASE = [
@@ -162,22 +193,60 @@ def run_case(case: Case, paths: Dict[str, str], work: Path) -> Dict:
         cmd = [sys.executable, *flags[1:]]
     else:
         cmd = swift_command(paths, out, flags)
+    env = dict(env)
+    if 'NPROC_PER_NODE' in env:
+        env.setdefault('MASTER_PORT', str(_free_port()))  # torchrun's default 29500 may be taken
     t0 = time.time()
-    proc = subprocess.run(cmd, env=_env(env), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, env=_env(env), capture_output=True, text=True, timeout=900, cwd=work)
     seconds = time.time() - t0
     output = proc.stdout + proc.stderr
     loaded = MODEL_LOADED in output
     ours = 'cispo-swift: refusing to start' in output or 'python -m cispo_swift' in output or flags[:1] == ['python']
     if proc.returncode == 2 and not loaded and ours:
         outcome = 'refused'
+    elif (
+        proc.returncode == 1
+        and not loaded
+        and 'cispo-swift: refusing to start' in output
+        and 'ChildFailedError' in output
+    ):
+        outcome = 'refused-torchrun'
+    elif (
+        flags[:2] == ['python', '-c'] and proc.returncode == 1 and re.search(r'^(ValueError|TypeError): ', output, re.M)
+    ):
+        outcome = 'raises'
     elif proc.returncode == 0:
-        outcome = 'warning' if re.search(r'cispo-swift: (?!CISPO loss active)', output) else 'ok'
+        outcome = 'warning' if re.search(r'\[WARNING:swift\] cispo-swift: ', output) else 'ok'
     elif 'FloatingPointError' in output and loaded:
         outcome = 'stops'
     else:
         outcome = 'swift-refuses' if not loaded else f'fails (exit {proc.returncode})'
     return {'label': label, 'outcome': outcome, 'expected': expected, 'exit': proc.returncode,
             'model_loaded': loaded, 'seconds': round(seconds, 1), 'message': _messages(output)}  # fmt: skip
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def read_doc(path: Path) -> Tuple[List[Dict], str]:
+    """The rows and the machine note of a document written by `render`, to add rows to it (`--merge`)."""
+    text = path.read_text()
+    note = text.split('(for refusals, the time to refusal). ', 1)[1].split('\n\n', 1)[0] if text else ''
+    expected = {c[0]: c[3] for c in CASES}
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in re.split(r'(?<!\\)\|', line.strip())[1:-1]]
+        if len(cells) == 6 and cells[0].startswith('`'):
+            label = cells[0].strip('`')
+            rows.append({'label': label, 'outcome': cells[1], 'expected': expected.get(label, cells[1]),
+                         'exit': int(cells[2]), 'model_loaded': cells[3] == 'yes', 'seconds': float(cells[4]),
+                         'message': cells[5].replace('\\|', '|')})  # fmt: skip
+    return rows, note
 
 
 def render(results: Sequence[Dict], machine_note: str) -> str:
@@ -191,7 +260,9 @@ def render(results: Sequence[Dict], machine_note: str) -> str:
         'Every row is a real command on the tiny CPU model (`swift rlhf`, 2 steps, or `python -m cispo_swift ...`), '
         'generated by `scripts/bad_inputs_doc.py`; the message column is what the command printed about the input. '
         'Outcomes: **refused**: cispo-swift stops while swift parses its arguments, with exit status 2, before any '
-        'model loads; **warning**: logged, the run goes on; **ok**: a valid setting, trained; **stops**: the run '
+        'model loads (**refused-torchrun**: the same under torchrun, which loads the plugin in its workers and then '
+        'prints its ChildFailedError summary and exits with 1; **raises**: the Python API raises at the call); '
+        '**warning**: logged, the run goes on; **ok**: a valid setting, trained; **stops**: the run '
         'stops at the first step the value reaches, naming the step and the cause; **swift-refuses**: swift itself '
         'refuses before the plugin is imported. Time: wall seconds from the command to its end (for refusals, the '
         f'time to refusal). {machine_note}\n\n'
@@ -209,7 +280,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument('--work', default=None, help='working directory (default: a temporary one)')
     p.add_argument('--note', default='', help='a line about the machine and its load, printed in the document')
     p.add_argument('--only', nargs='+', default=None, help='run the cases whose label contains one of these (no doc)')
-    p.add_argument('--merge', action='store_true', help='with --only: update those rows of WORK/results.json')
+    p.add_argument('--merge', action='store_true', help='with --only: update or add those rows of WORK/results.json, '
+                   'or of the document at --out when WORK has none (its note kept, --note added)')  # fmt: skip
     a = p.parse_args(argv)
     work = Path(a.work or tempfile.mkdtemp(prefix='cispo_bad_inputs_'))
     work.mkdir(parents=True, exist_ok=True)
@@ -221,11 +293,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         flag = '' if r['outcome'] == r['expected'] else f'   <-- expected {r["expected"]}'
         print(f'{r["label"]:<60} {r["outcome"]:<14} exit {r["exit"]:<3} {r["seconds"]:6.1f} s{flag}', flush=True)
         results.append(r)
+    note = a.note
     if a.merge:
+        if (work / 'results.json').is_file():
+            old = json.loads((work / 'results.json').read_text())
+        else:
+            old, old_note = read_doc(Path(a.out))
+            note = f'{old_note} {a.note}'.strip()
         new = {r['label']: r for r in results}
-        results = [new.get(r['label'], r) for r in json.loads((work / 'results.json').read_text())]
+        known = {r['label'] for r in old}
+        results = [new.get(r['label'], r) for r in old] + [r for r in results if r['label'] not in known]
+        order = {c[0]: i for i, c in enumerate(CASES)}
+        results.sort(key=lambda r: order.get(r['label'], len(order)))
     if a.only is None or a.merge:
-        Path(a.out).write_text(render(results, a.note))
+        Path(a.out).write_text(render(results, note))
         (work / 'results.json').write_text(json.dumps(results, indent=1))
     wrong = [r['label'] for r in results if r['outcome'] != r['expected']]
     print(f'{len(results) - len(wrong)} of {len(results)} as expected' + (f'; not: {wrong}' if wrong else ''))

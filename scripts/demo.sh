@@ -31,7 +31,12 @@ export MODELSCOPE_OFFLINE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [ "$MODE" = smollm2 ]; then
   DEMO=${DEMO_DIR:-$ROOT/runs/smollm2}
   t0=$SECONDS
-  MODEL_DIR=$(python -m cispo_swift model smollm2)
+  # The command prints the checkpoint path alone on stdout; its last line is taken all the same, and checked.
+  MODEL_DIR=$(python -m cispo_swift model smollm2 | tail -n 1)
+  if [ ! -f "$MODEL_DIR/config.json" ]; then
+    echo "python -m cispo_swift model smollm2 printed '$MODEL_DIR', not a checkpoint directory" >&2
+    exit 1
+  fi
   echo "SmolLM2-135M-Instruct (Q4_1 weights, dequantised): $MODEL_DIR ($((SECONDS - t0)) s)"
   python -m cispo_swift.demo.arith --out "$DEMO/data" > /dev/null
   t0=$SECONDS

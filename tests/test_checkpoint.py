@@ -60,6 +60,23 @@ def test_the_override_itself_is_not_a_change(tmp_path):
     _resume(_checkpoint(tmp_path, saved), CISPOConfig())
 
 
+def test_the_finite_check_is_not_a_change(tmp_path, swift_log):
+    """CISPO_CHECK_FINITE only stops a run whose loss or gradient is already NaN/inf: the loss is the same."""
+    saved = make_trainer(CISPOConfig(check_finite=True)).cispo_effective_settings()
+    _resume(_checkpoint(tmp_path, saved), CISPOConfig(check_finite=False))
+    assert 'with the CISPO settings it was saved with' in swift_log.text
+
+
+def test_an_allowed_change_is_warned_about_once(tmp_path, swift_log):
+    """The plugin file compares at argument parsing and the trainer again at start: one warning, not two."""
+    saved = make_trainer(CISPOConfig(norm='token')).cispo_effective_settings()
+    checkpoint = _checkpoint(tmp_path, saved)
+    cfg = CISPOConfig(norm='sequence', allow_config_change=True)
+    _resume(checkpoint, cfg)
+    _resume(checkpoint, cfg)
+    assert swift_log.text.count('Continuing, because CISPO_ALLOW_CONFIG_CHANGE=1') == 1
+
+
 def test_resuming_a_cispo_checkpoint_with_another_loss_type_warns(tmp_path, swift_log):
     """Not a CISPO run: swift's behaviour is kept (no refusal), the log says the loss changes."""
     checkpoint = _checkpoint(tmp_path, make_trainer().cispo_effective_settings())
@@ -97,3 +114,11 @@ def test_resume_from_a_missing_directory_or_a_run_directory_is_refused(tmp_path)
     message = str(err.value)
     assert 'is not a checkpoint: it has no trainer_state.json' in message
     assert f'the newest is {run}/v0-20261126/checkpoint-10' in message
+
+
+def test_resume_from_a_file_names_the_directory_that_holds_it(tmp_path):
+    checkpoint = _checkpoint(tmp_path, make_trainer().cispo_effective_settings())
+    with pytest.raises(ValueError) as err:
+        _resume(f'{checkpoint}/trainer_state.json')
+    assert 'is a file; a checkpoint is a directory' in str(err.value) and f'holds it: {checkpoint}.' in str(err.value)
+    assert 'no such directory' not in str(err.value)

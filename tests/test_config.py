@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 
 import pytest
 from stubs import make_trainer
@@ -176,6 +177,14 @@ def test_readme_options_table_is_current():
     assert C.options_table() in readme, 'README.md: paste the output of `python -m cispo_swift options`'
 
 
+def test_readme_stays_short():
+    """The README is the quickstart, the options and one line per result (at most 160 lines); the rest is in docs/."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / 'README.md').read_text()
+    assert len(readme.splitlines()) <= 160, 'README.md: move long material to docs/ (results: docs/results.md)'
+
+
 def test_sequence_weight_with_token_normalisation_warns(caplog):
     from swift.utils import get_logger
 
@@ -190,3 +199,103 @@ def test_sequence_weight_with_token_normalisation_warns(caplog):
         logger.removeHandler(caplog.handler)
     assert any('weighs a sequence by its length' in r.getMessage() for r in caplog.records)
     assert len(caplog.records) == quiet
+
+
+# ---- configure(): the values of the variables, through the same parser ------------------------------------------
+
+
+@pytest.fixture
+def api(monkeypatch):
+    """configure() with no CISPO_* variable set unless a test sets one; the registration undone afterwards."""
+    import os
+
+    from swift.trainers import TrainerFactory
+
+    for key in [k for k in os.environ if k.upper().startswith('CISPO_')]:
+        monkeypatch.delenv(key)
+    monkeypatch.setitem(TrainerFactory.TRAINER_MAPPING, 'grpo', TrainerFactory.TRAINER_MAPPING['grpo'])
+    yield monkeypatch
+    C._configured = None
+
+
+@pytest.mark.parametrize(
+    'keyword, value, expected',
+    [
+        ('mask', 'no', False),
+        ('mask', 'on', True),
+        ('mask', True, True),
+        ('mask', 0, False),
+        ('check_finite', '0', False),
+        ('check_finite', False, False),
+        ('kl_budget', '0.1', 0.1),
+        ('kl_budget', 0.1, 0.1),
+        ('kl_budget', None, None),
+        ('mask_eps_high', math.inf, math.inf),
+        ('mask_eps_high', 'inf', math.inf),
+        ('fused_chunk_size', 256, 256),
+        ('fused_chunk_size', '256', 256),
+        ('norm', 'prompt', 'prompt'),
+    ],
+)
+def test_configure_takes_what_the_variable_takes(api, keyword, value, expected):
+    cfg = C.configure(**{keyword: value})
+    assert getattr(cfg, keyword) == expected and type(getattr(cfg, keyword)) is type(expected)
+    if value is not None:
+        assert getattr(CISPOConfig.from_env({f'CISPO_{keyword.upper()}': str(value)}), keyword) == expected
+
+
+@pytest.mark.parametrize(
+    'keyword, value, message',
+    [
+        ('fused_chunk_size', 1.5, "CISPO_FUSED_CHUNK_SIZE='1.5' is not an integer"),
+        ('fused_chunk_size', True, "CISPO_FUSED_CHUNK_SIZE='true' is not an integer"),
+        ('kl_budget', True, "CISPO_KL_BUDGET='true' is not a number"),
+        ('kl_budget', math.nan, "CISPO_KL_BUDGET='nan': NaN is not a valid setting"),
+        ('kl_budget', 0, 'CISPO_KL_BUDGET=0.0 must be a finite number > 0'),
+        ('fused_logps', 2, "CISPO_FUSED_LOGPS='2' is not a boolean"),
+        ('mask', 'maybe', "CISPO_MASK='maybe' is not a boolean"),
+        ('norm', 'tokens', "CISPO_NORM='tokens' is not valid"),
+        ('mask_eps_high', -1, 'CISPO_MASK_EPS_HIGH=-1.0 must be a number ≥ 0'),
+    ],
+)
+def test_configure_refuses_what_the_variable_refuses_when_called(api, keyword, value, message):
+    with pytest.raises(ValueError) as err:
+        C.configure(**{keyword: value})
+    assert message in str(err.value)
+    assert C._configured is None  # nothing was set
+
+
+def test_configure_refuses_other_types_and_a_positional_dict(api):
+    with pytest.raises(TypeError, match=r"norm=\['prompt'\] \(list\): a CISPO option takes a str, bool or number"):
+        C.configure(norm=['prompt'])
+    with pytest.raises(TypeError, match=r'mask=None \(NoneType\)'):  # None unsets only options that can be unset
+        C.configure(mask=None)
+    with pytest.raises(TypeError, match=r'not dict .*configure\(\*\*options\)'):
+        C.configure({'norm': 'prompt'})
+    with pytest.raises(TypeError, match='Unknown CISPO option'):
+        C.configure(nrom='token')
+
+
+def test_configure_keywords_win_over_variables_and_the_others_still_apply(api):
+    api.setenv('CISPO_NORM', 'sequence')
+    api.setenv('CISPO_KL_BUDGET', '0.2')
+    cfg = C.configure(mask=True)
+    assert (cfg.mask, cfg.norm, cfg.kl_budget) == (True, 'sequence', 0.2)
+    cfg = C.configure(norm='prompt', kl_budget=None)
+    assert (cfg.norm, cfg.kl_budget) == ('prompt', None)
+    api.setenv('CISPO_NORM', 'tokens')
+    with pytest.raises(ValueError, match="CISPO_NORM='tokens' is not valid"):
+        C.configure(mask=True)  # a bad variable is refused as the plugin file would refuse it
+    # A CISPOConfig is taken as it is, and its arguments go through the same parser.
+    assert (
+        C.configure(CISPOConfig(mask='no', check_finite='0')).to_dict()
+        == CISPOConfig(mask=False, check_finite=False).to_dict()
+    )
+
+
+def test_literals_beyond_the_float_range_are_refused_both_ways():
+    for name in ('CISPO_KL_BUDGET', 'CISPO_MASK_EPS_HIGH', 'CISPO_EPS_LOW'):
+        with pytest.raises(ValueError, match=f"{name}='1e-400' is below the float range and would read as 0"):
+            CISPOConfig.from_env({name: '1e-400'})
+    assert CISPOConfig.from_env({'CISPO_MASK_EPS_HIGH': '0e5'}).mask_eps_high == 0.0
+    assert CISPOConfig.from_env({'CISPO_MASK_EPS_HIGH': '1e-320'}).mask_eps_high == 1e-320  # subnormal: kept

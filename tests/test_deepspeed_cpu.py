@@ -79,11 +79,27 @@ def test_init_distributed_needs_a_launcher(monkeypatch):
     calls = []
     monkeypatch.setattr(deepspeed, 'init_distributed', lambda **kw: calls.append(kw))
     monkeypatch.setattr(deepspeed.comm, 'is_initialized', lambda: False)
-    monkeypatch.delenv('RANK', raising=False)
-    monkeypatch.delenv('WORLD_SIZE', raising=False)
-    deepspeed_cpu.init_distributed()  # a plain single process: nothing to join
-    assert calls == []
+    for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'):
+        monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv('RANK', '0')
+    deepspeed_cpu.init_distributed()  # half a launch description: the launcher's own error, not a guess
+    assert calls == []
     monkeypatch.setenv('WORLD_SIZE', '2')
     deepspeed_cpu.init_distributed()
     assert calls == [{'dist_backend': 'gloo', 'auto_mpi_discovery': False}]
+
+
+def test_a_single_process_without_torchrun_is_described_to_deepspeed(monkeypatch):
+    """Without RANK/WORLD_SIZE DeepSpeed would look for MPI (mpi4py); the process is rank 0 of 1 on a free port."""
+    deepspeed = pytest.importorskip('deepspeed')
+
+    calls = []
+    monkeypatch.setattr(deepspeed, 'init_distributed', lambda **kw: calls.append(kw))
+    monkeypatch.setattr(deepspeed.comm, 'is_initialized', lambda: False)
+    for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'):
+        monkeypatch.delenv(key, raising=False)
+    deepspeed_cpu.init_distributed()
+    assert calls == [{'dist_backend': 'gloo', 'auto_mpi_discovery': False}]
+    env = __import__('os').environ
+    assert (env['RANK'], env['WORLD_SIZE'], env['LOCAL_RANK'], env['MASTER_ADDR']) == ('0', '1', '0', '127.0.0.1')
+    assert 0 < int(env['MASTER_PORT']) < 65536

@@ -274,3 +274,48 @@ def test_bf16_log_ratio_and_kl_are_formed_in_float32_against_a_float64_reference
     scale = want.abs().max()
     # bf16 stores the gradient itself with 8 bits of mantissa: 0.4% of each element, nothing more.
     assert torch.allclose(ours, want, rtol=8e-3, atol=1e-4 * float(scale)), (ours - want).abs().max()
+
+
+# ---- selection before products, precision near 0 -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize('dropped_by', ['unified mask', 'entropy mask'])
+def test_a_dropped_token_whose_ratio_overflows_gives_no_nan_gradient_on_either_path(dropped_by):
+    """No cap (--epsilon_high inf): a token with log r = 100 has r = inf in float32. When the unified mask (Â > 0,
+    r > 1 + ε) or the entropy mask drops it, its gradient is 0 and the loss and every other gradient are finite;
+    0 · inf in backward would make them NaN. Reference: the kept tokens' −r·Â·s, written out."""
+    logps = torch.tensor([-1.0, -2.0, -0.5])
+    log_ratio = torch.tensor([100.0, 0.1, -0.1])  # r = inf, 1.105, 0.905: the mask keeps the last two
+    advantages = torch.tensor([1.0, 1.0, -1.0])
+    tokens = L.TokenInputs(
+        advantages=advantages,
+        loss_mask=torch.ones(3, dtype=torch.bool),
+        scale=torch.full((3,), 0.25),
+        anchor=logps - log_ratio,
+        entropy_mask=torch.tensor([False, True, True]) if dropped_by == 'entropy mask' else None,
+    )
+    objective = L.Objective(lower=None, upper=math.inf, mask_eps=(0.2, 0.2) if dropped_by == 'unified mask' else None)
+    expected_grad = torch.tensor([0.0, -math.exp(0.1) * 0.25, math.exp(-0.1) * 0.25])
+    expected_loss = float((expected_grad * logps).sum())
+
+    leaf = logps.clone().requires_grad_(True)
+    loss = L.cispo_objective(leaf, tokens, objective)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    fused_loss, fused_grad = autograd_coef_fn(lambda lp, a, b: L.cispo_objective(lp, tokens[a:b], objective))(
+        logps, 0, 3
+    )
+    for value, gradient in ((loss, grad), (fused_loss, fused_grad)):
+        assert float(value) == pytest.approx(expected_loss, rel=1e-6)
+        torch.testing.assert_close(gradient, expected_grad, rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize('x', [1e-4, -1e-4, 3e-3, -2e-6])
+def test_k3_kl_keeps_its_precision_near_zero(x):
+    """KL ≈ x²/2 near x = ref − log π = 0: exp(x) − x − 1 loses it to float32 rounding of exp(x); expm1 keeps it.
+    Reference: math.expm1 in float64."""
+    ref = torch.tensor([-1.0 + x], dtype=torch.float32)
+    logps = torch.tensor([-1.0], dtype=torch.float32)
+    exact_x = float(ref.double() - logps.double())
+    expected = math.expm1(exact_x) - exact_x
+    # float32 rounds expm1(x) ≈ x to one unit in its last place, |x| · 2^-23; exp(x) − 1 is off by up to 2^-24 itself.
+    assert abs(float(L.k3_kl(ref, logps)) - expected) <= abs(exact_x) * 2**-23

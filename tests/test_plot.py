@@ -21,7 +21,8 @@ def _rows(n_steps=12, cispo=True):
             row.update({
                 'cispo/clip_frac': step / 100, 'cispo/clip_frac_pos': step / 200, 'cispo/clip_frac_neg': step / 200,
                 'cispo/ratio_mean': 1.0, 'cispo/ratio_min': 1.0 - step / 100, 'cispo/ratio_max': 1.0 + step,
-                'cispo/weight_mean': 0.99, 'cispo/ppo_zero_grad_frac': step / 50,
+                'cispo/weight_mean': 0.99, 'cispo/ppo_zero_grad_frac': step / 50, 'cispo/approx_kl': step / 1000,
+                'cispo/kl_budget_skipped': float(step > 10),
             })  # fmt: skip
         row.update({'cispo_clip_ratio': 0.0, 'global_step/max_steps': f'{step}/{n_steps}', 'elapsed_time': '1s'})
         rows.append(row)
@@ -76,7 +77,8 @@ def test_summarize_run(run):
     assert s['last'] == {
         'cispo/clip_frac': 0.12, 'cispo/clip_frac_pos': 0.06, 'cispo/clip_frac_neg': 0.06, 'cispo_clip_ratio': 0.0,
         'cispo/ratio_mean': 1.0, 'cispo/ratio_min': 1.0 - 0.12, 'cispo/ratio_max': 13.0, 'cispo/weight_mean': 0.99,
-        'cispo/ppo_zero_grad_frac': 12 / 50, 'grad_norm': 13.0,
+        'cispo/ppo_zero_grad_frac': 12 / 50, 'grad_norm': 13.0, 'cispo/approx_kl': 0.012,
+        'cispo/kl_budget_skipped': 1.0,
     }  # fmt: skip
     assert s['mean']['grad_norm'] == pytest.approx(sum(1.0 + i for i in range(1, 13)) / 12)
     # Fewer logged rewards than k: the whole run on both sides.
@@ -115,9 +117,37 @@ def test_plot_skips_absent_panels_and_overlays_runs(run, tmp_path):
         t for t, _ in plot.PANELS
     ]
     assert _is_png(out)
-    assert plot.plot_runs([str(builtin)], str(tmp_path / 'one.png')) == ['reward', 'clip fractions', 'grad norm']
+    assert plot.plot_runs([str(builtin)], str(tmp_path / 'one.png')) == [
+        'reward',
+        'clipped tokens, and tokens PPO would give no gradient',
+        'grad norm',
+    ]
     with pytest.raises(ValueError, match='1 labels for 2 runs'):
         plot.plot_runs([str(run), str(builtin)], str(out), labels=['x'])
+
+
+def test_the_drift_and_the_skipped_steps_are_drawn_and_swifts_clip_key_only_without_the_plugin(run, tmp_path):
+    """The real-model recipe rests on approx_kl and the skipped steps; swift's `cispo_clip_ratio` repeats
+    `cispo/clip_frac_pos` in a plugin run, so it is drawn only for a run of swift's built-in loss."""
+    rows = plot.load_log(str(run))
+    assert plot._drawn(rows, 'cispo/approx_kl')[1][-1] == pytest.approx(0.012)
+    assert plot._drawn(rows, 'cispo/kl_budget_skipped')[1][-2:] == [1.0, 1.0]
+    assert plot._drawn(rows, 'cispo_clip_ratio') == ([], [])
+    builtin = plot.load_log(str(_write(tmp_path / 'builtin' / 'logging.jsonl', _rows(cispo=False))))
+    assert plot._drawn(builtin, 'cispo_clip_ratio')[0] == list(range(1, 13))
+    no_signal = [{**r, 'cispo/no_signal_skipped': 1.0} for r in _rows(4)]
+    panels = plot.plot_runs([str(_write(tmp_path / 'ns' / 'logging.jsonl', no_signal))], str(tmp_path / 'ns.png'))
+    assert panels[:3] == ['reward', 'drift from the sampling policy (approx KL)', 'optimizer steps skipped (share)']
+    assert 'cispo/no_signal_skipped' in plot.PANELS[2][1] and 'cispo/no_signal_skipped' in plot.CISPO_KEYS
+
+
+def test_a_json_document_is_not_taken_for_a_damaged_log(tmp_path):
+    state = tmp_path / 'checkpoint-2' / 'trainer_state.json'
+    state.parent.mkdir()
+    state.write_text(json.dumps({'global_step': 2, 'log_history': [{'loss': 1.0}]}, indent=2))
+    with pytest.raises(ValueError, match="is one JSON document, not swift's logging.jsonl") as err:
+        plot.load_log(str(state))
+    assert 'damaged' not in str(err.value)
 
 
 def test_reward_panel_adds_per_function_means_only_when_several():
@@ -136,7 +166,7 @@ def test_cli_entry_points(run, tmp_path, capsys):
     out = tmp_path / 'cli.png'
     assert plot.main([str(run), '-o', str(out), '--label', 'mine']) == 0
     assert _is_png(out)
-    assert capsys.readouterr().out.startswith(f'wrote {out} (reward, clip fractions')
+    assert capsys.readouterr().out.startswith(f'wrote {out} (reward, drift from the sampling policy (approx KL), ')
     assert plot.summary_main([str(run), '-k', '2', '--json']) == 0
     s = json.loads(capsys.readouterr().out)
     assert s['run'] == str(run) and s['reward_first'] == pytest.approx(0.15) and s['reward_last'] == pytest.approx(0.8)

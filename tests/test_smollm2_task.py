@@ -209,3 +209,47 @@ def test_heldout_summary_gives_the_mean_of_the_last_two_evaluations(tmp_path, ca
     out = capsys.readouterr().out
     assert 'mean of the last 2 evaluations (steps 10, 20): 0.625, +0.375 against step 0' in out
     assert 'step 0 -> 20: 2 problems became right, 1 became wrong' in out
+
+
+@pytest.mark.parametrize(
+    'args, message',
+    [
+        (['--n', '0'], 'argument --n: 0: it must be in [1, 128] (held-out problems)'),
+        (['--n', '-3'], 'argument --n: -3: it must be in [1, 128]'),
+        (['--n', '129'], 'argument --n: 129: it must be in [1, 128]'),
+        (['--temperature', '-1'], 'argument --temperature: -1: the sampling temperature divides the logits'),
+        (['--temperature', 'nan'], 'must be a finite number > 0'),
+        (['--max-new-tokens', '0'], 'argument --max-new-tokens: 0: it must be ≥ 1'),
+        (['--samples', '-1'], 'argument --samples: -1: it must be ≥ 0'),
+        (['--variant', 'add21'], "argument --variant: invalid choice: 'add21'"),
+        (['--json', '{tmp}/nodir/x.json'], 'nodir does not exist: create it first'),
+        (['--json', '{tmp}'], 'is a directory: name the JSON file to write'),
+    ],
+)
+def test_evaluate_refuses_bad_arguments_before_loading_anything(tmp_path, monkeypatch, capsys, args, message):
+    from cispo_swift.demo import evaluate
+
+    def no_load(*a, **k):
+        raise AssertionError('loaded a model despite a bad argument')
+
+    monkeypatch.setattr(evaluate, 'load', no_load)
+    model = tmp_path / 'model'
+    model.mkdir()
+    (model / 'config.json').write_text('{}')
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([str(model), *(a.format(tmp=tmp_path) for a in args)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and 'Traceback' not in err
+
+
+def test_evaluate_refuses_a_missing_or_non_model_directory(tmp_path, monkeypatch, capsys):
+    from cispo_swift.demo import evaluate
+
+    monkeypatch.setattr(evaluate, 'load', lambda *a, **k: pytest.fail('loaded a model'))
+    for path, message in [(tmp_path / 'missing', 'no such directory'), (tmp_path, 'no config.json in it')]:
+        with pytest.raises(SystemExit):
+            evaluate.main([str(path)])
+        assert f'MODEL_DIR {path}: {message}' in capsys.readouterr().err
+    with pytest.raises(ValueError, match='n must be in'):
+        evaluate.evaluate(str(tmp_path), n=0)

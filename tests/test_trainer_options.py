@@ -235,7 +235,7 @@ def test_no_cap_overflow_stops_with_the_step_and_the_cause():
         our_loss(trainer, batch)
     message = str(err.value)
     assert 'Non-finite loss' in message and 'global step' in message
-    assert 'overflowed float32: --epsilon_high inf sets no cap' in message
+    assert 'has no cap (--epsilon_high inf), and r overflowed float32' in message
     trainer = attach_logps(
         make_trainer(CISPOConfig(check_finite=False), epsilon_high=float('inf')), logits, ids, entropies
     )
@@ -264,3 +264,64 @@ def test_non_finite_gradient_stops_before_the_optimizer_step():
     with pytest.raises(FloatingPointError, match='Non-finite gradient at global step 7'):
         trainer.optimizer.step()
     assert Optimizer.steps == 1
+
+
+# ---- numerics at the edges: metrics and sequence ratios in float32 under bf16, the overflow message ----------------
+
+
+def _one_sequence(logps, anchor, advantages, **args):
+    """A trainer and a one-sequence batch whose log-probs are `logps` [1, T] (a leaf, any dtype) and anchor `anchor`."""
+    from swift.rl_core.data import GRPOBatch
+
+    T = logps.shape[-1]
+    batch = GRPOBatch(
+        completion_mask=torch.ones(1, T, dtype=torch.bool),
+        truncated_mask=torch.zeros(1, dtype=torch.bool),
+        seq_lengths=torch.tensor([T]),
+        old_per_token_logps=anchor,
+        advantages=advantages,
+        num_items_in_batch=torch.tensor(float(T)),
+        logits_to_keep=T,
+    )
+    trainer = make_trainer(**args)
+    trainer._get_per_token_logps_and_entropies = lambda *a, **k: (logps, None)
+    return trainer, batch
+
+
+def test_the_clip_metrics_count_a_bf16_token_the_loss_clips():
+    """bf16 log-probs and anchor whose float32 ratio is 5.019 (clipped at the cap 5 in the loss): in bf16 the
+    difference rounds to log 4.9997, which the metrics once counted as not clipped."""
+    logps = torch.tensor([[-0.99609375, -1.0]], dtype=torch.bfloat16).requires_grad_(True)
+    anchor = torch.tensor([[-2.609375, -1.0]], dtype=torch.bfloat16)
+    trainer, batch = _one_sequence(logps, anchor, torch.tensor([[1.0, 1.0]]), epsilon_high=5.0)
+    _, metrics = our_loss(trainer, batch)
+    sums = metrics['cispo_sums']
+    assert sums['ratio_max'] == pytest.approx(math.exp(-0.99609375 + 2.609375), rel=1e-6)  # 5.0193
+    assert sums['clipped'] == 1.0 and sums['clipped_pos'] == 1.0
+
+
+def test_the_sequence_ratio_is_formed_in_float32_under_bf16():
+    """--importance_sampling_level sequence: the same log-probs given in bf16 and in float32 (equal values) give the
+    same loss; the sequence log-ratio subtracted and summed in bf16 was 3.9e-4 off."""
+    g = torch.Generator().manual_seed(2)
+    values = (-6.0 * torch.rand(1, 64, generator=g) - 0.01).to(torch.bfloat16)  # log-probs of several magnitudes
+    anchor = (values.float() + 0.3 * torch.randn(1, 64, generator=g)).to(torch.bfloat16)
+    losses = []
+    for dtype in (torch.bfloat16, torch.float32):
+        leaf = values.to(dtype).requires_grad_(True)
+        trainer, batch = _one_sequence(leaf, anchor.to(dtype), torch.ones(1, 64), importance_sampling_level='sequence')
+        losses.append(float(our_loss(trainer, batch)[0]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)  # in bf16 arithmetic: 8.4e-5 apart
+
+
+def test_an_overflowing_product_without_a_cap_names_the_missing_cap():
+    """No cap, log r = 80 (r = 5.5e34, finite in float32), Â = 1000, log π = −10: r · Â · log π passes the float32
+    range, the loss is inf from finite inputs. The error names the missing cap, not fp16 or the learning rate."""
+    logps = torch.tensor([[-10.0, -1.0]]).requires_grad_(True)
+    anchor = torch.tensor([[-90.0, -1.0]])
+    trainer, batch = _one_sequence(logps, anchor, torch.tensor([[1000.0, 1000.0]]), epsilon_high=math.inf)
+    with pytest.raises(FloatingPointError) as err:
+        our_loss(trainer, batch)
+    message = str(err.value)
+    assert 'no cap (--epsilon_high inf)' in message and 'r · Â · log π' in message and '--epsilon_high 5.0' in message
+    assert 'fp16' not in message

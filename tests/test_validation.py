@@ -78,7 +78,20 @@ BAD_INPUTS = [
      "CISPO_MASK_EPS_HIGH='nan': NaN is not a valid setting"),
     ('CISPO_MASK_EPS_LOW=-0.1', {'CISPO_MASK': '1', 'CISPO_MASK_EPS_LOW': '-0.1'}, {}, 'refused',
      'CISPO_MASK_EPS_LOW=-0.1 must be a number ≥ 0'),
-    ('CISPO_MASK_EPS_HIGH=inf', {'CISPO_MASK': '1', 'CISPO_MASK_EPS_HIGH': 'inf'}, {}, 'ok', ''),
+    ('CISPO_MASK_EPS_HIGH=inf', {'CISPO_MASK': '1', 'CISPO_MASK_EPS_HIGH': 'inf'}, {'num_iterations': 2}, 'ok', ''),
+    ('CISPO_MASK=1 on-policy (--num_iterations 1)', {'CISPO_MASK': '1'}, {'num_iterations': 1}, 'warning',
+     'CISPO_MASK=1 has no effect: with --num_iterations 1'),
+    ('CISPO_MASK=1 with both mask eps inf', {'CISPO_MASK': '1', 'CISPO_MASK_EPS_LOW': 'inf',
+                                             'CISPO_MASK_EPS_HIGH': 'inf'}, {'num_iterations': 2}, 'warning',
+     'neither side drops a token'),
+    ('CISPO_MASK_EPS_HIGH=1e-400', {'CISPO_MASK': '1', 'CISPO_MASK_EPS_HIGH': '1e-400'}, {}, 'refused',
+     "CISPO_MASK_EPS_HIGH='1e-400' is below the float range and would read as 0"),
+    ('CISPO_KL_BUDGET=1e-400', {'CISPO_KL_BUDGET': '1e-400'}, {}, 'refused',
+     "CISPO_KL_BUDGET='1e-400' is below the float range"),
+    ('--top_entropy_quantile 0', {}, {'top_entropy_quantile': 0.0}, 'refused',
+     'so about one token per micro-batch trains'),
+    ('--resume_from_checkpoint FILE', {}, {'resume_from_checkpoint': str(ROOT / 'README.md')}, 'refused',
+     'is a file; a checkpoint is a directory'),
     ('CISPO_MASK_EPS_HIGH=0.28 without CISPO_MASK=1', {'CISPO_MASK_EPS_HIGH': '0.28'}, {}, 'warning',
      'CISPO_MASK_EPS_HIGH=0.28 has no effect without CISPO_MASK=1'),
     ('CISPO_EPS_LOW=0.2 (absolute mode)', {'CISPO_EPS_LOW': '0.2'}, {}, 'warning',
@@ -157,6 +170,28 @@ def test_refusal_prints_one_block_and_exits_2(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith('cispo-swift: refusing to start (checked while swift parsed its arguments; nothing')
     assert "  CISPO_NORM='tokens' is not valid" in err and 'Traceback' not in err
+
+
+def test_under_torchrun_the_refusal_is_the_root_cause_of_its_summary(monkeypatch, tmp_path, capsys):
+    """torchrun prints a ChildFailedError summary after a worker exits non-zero; the refusal is written where it reads
+    the worker's error, so the summary names it instead of "To enable traceback see"."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    class Args:
+        def __init__(self):
+            self.__dict__.update(vars(_args()))
+            registry.load_plugin()
+
+    error_file = tmp_path / 'error.json'
+    monkeypatch.setenv('TORCHELASTIC_ERROR_FILE', str(error_file))
+    monkeypatch.setenv('CISPO_NORM', 'tokens')
+    with pytest.raises(SystemExit):
+        Args()
+    capsys.readouterr()
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file=str(error_file))
+    summary = ChildFailedError('swift/cli/rlhf.py', {0: failure}).format_msg()
+    assert "cispo-swift refused to start (nothing was loaded): CISPO_NORM='tokens' is not valid" in summary
+    assert 'To enable traceback' not in summary
 
 
 def test_package_init_handed_to_swift_works_as_the_plugin(monkeypatch):
@@ -381,3 +416,59 @@ def test_numbers_are_plain_literals(name, raw, message):
 def test_lower_case_variable_names_are_refused_with_the_right_name():
     with pytest.raises(ValueError, match='Variable names are upper case: cispo_norm → CISPO_NORM'):
         C.CISPOConfig.from_env({'cispo_norm': 'prompt'})
+
+
+def test_processes_without_gpus_need_use_cpu_at_parsing(swift_log, monkeypatch):
+    """NPROC_PER_NODE=2 (torchrun sets WORLD_SIZE) on a machine without GPUs, without --use_cpu true: refused while
+    swift parses its arguments, saying what to add (the trainer's own check comes only after the model loaded)."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    outcome, text = _outcome({'WORLD_SIZE': '2'}, swift_log, use_cpu=False)
+    assert outcome == 'refused' and 'Add --use_cpu true' in text and '2 processes' in text
+    assert _outcome({'WORLD_SIZE': '2'}, swift_log, use_cpu=True)[0] == 'ok'
+    assert _outcome({'WORLD_SIZE': '1'}, swift_log, use_cpu=False)[0] == 'ok'
+
+
+def test_use_vllm_without_vllm_installed_is_refused_at_parsing(swift_log, monkeypatch):
+    import swift.utils
+
+    monkeypatch.setattr(swift.utils, 'is_vllm_available', lambda: False)
+    outcome, text = _outcome({'CISPO_ANCHOR': 'rollout'}, swift_log, use_vllm=True)
+    assert outcome == 'refused' and 'vLLM is not installed' in text and 'CISPO_ANCHOR=rollout needs it too' in text
+    assert 'bash scripts/setup.sh --vllm' in text
+    monkeypatch.setattr(swift.utils, 'is_vllm_available', lambda: True)
+    assert _outcome({'CISPO_ANCHOR': 'rollout'}, swift_log, use_vllm=True)[0] == 'ok'
+
+
+# ---- configure(): the same parser and checks as the variables ------------------------------------------------------
+
+_FIELDS = {'CISPO_' + f.name.upper(): f.name for f in dataclasses.fields(C.CISPOConfig)}
+
+
+def _config_or_refusal(make):
+    try:
+        return make().to_dict()
+    except ValueError as error:
+        return ('refused', str(error))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_whole_space())
+def test_configure_keywords_are_read_as_the_variables_are(drawn):
+    """Every drawn set of variables, given to configure as keywords instead (the same strings, then the Python values
+    they parse to), is accepted with the same settings or refused naming the same variable."""
+    env = {k: v for k, v in drawn[0].items() if k in _FIELDS}
+    keywords = {_FIELDS[k]: v for k, v in env.items()}
+    by_env = _config_or_refusal(lambda: C.CISPOConfig.from_env(environ=env))
+    by_keywords = _config_or_refusal(lambda: C.CISPOConfig.from_env(environ={}, **keywords))
+    if isinstance(by_env, tuple):
+        assert isinstance(by_keywords, tuple), (env, by_keywords)
+        assert any(name in by_keywords[1] for name in env), by_keywords[1]
+        return
+    assert by_keywords == by_env
+    typed = {name: by_env[name] for name in keywords}  # bools, numbers, None: as a Python caller writes them
+    assert C.CISPOConfig.from_env(environ={}, **typed).to_dict() == by_env
+    # Keywords win over variables; the variables they do not name still apply.
+    for name, value in typed.items():
+        others = {k: v for k, v in env.items() if _FIELDS[k] != name}
+        assert C.CISPOConfig.from_env(environ=env, **{name: value}).to_dict() == by_env
+        assert C.CISPOConfig.from_env(environ=others, **{name: value}).to_dict() == by_env

@@ -67,6 +67,16 @@ def test_zero_stages_log_the_losses_of_the_plain_run(runs, stage):
     assert any(abs(r['cispo/ratio_mean'] - 1.0) > 1e-3 for r in plain)  # off-policy steps were compared
 
 
+def test_zero3_in_one_process_without_torchrun(runs):
+    """`--deepspeed zero3 --use_cpu true` in one process, no NPROC_PER_NODE: without a launch description DeepSpeed
+    looks for MPI (ModuleNotFoundError: mpi4py inside deepspeed.zero.Init); the plugin describes the single process.
+    The losses are those of the plain two-process run (the same completions, see the module docstring)."""
+    plain, _ = runs('plain')
+    steps, output = runs('zero3_one_process', '--deepspeed', 'zero3', nproc=1)
+    assert 'mpi4py' not in output and 'DeepSpeed' in output
+    assert_same_steps(plain, steps)
+
+
 def test_fused_head_under_zero3_is_active_and_equal(runs, tiny):
     """Under ZeRO-3 the head weight is partitioned outside its forward; the fused path runs inside it, on the whole
     [V, H] weight on both ranks, for the old-policy pass (no grad) and the loss (grad), and changes nothing."""

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from cispo_swift.demo.arith import REWARDS, get_variant, rows
+from cispo_swift.demo.arith import REWARDS, VARIANTS, get_variant, rows
+
+N_HELDOUT = 128  # the held-out problems of every variant (`arith.rows`' n_heldout)
 
 
 def load(model_dir: str, threads: Optional[int] = None):
@@ -101,6 +105,11 @@ def evaluate(
 
     Returns ``{'greedy_acc', 'greedy': [{'prompt', 'answer', 'completion', 'reward'}...], 'sampled_acc',
     'groups_with_signal', ...}`` plus the conditions. ``reward`` defaults to the variant's own."""
+    if not 1 <= n <= N_HELDOUT or max_new_tokens < 1 or samples < 0 or (samples and not 0.0 < temperature < math.inf):
+        raise ValueError(
+            f'n={n}, max_new_tokens={max_new_tokens}, samples={samples}, temperature={temperature}: n must be in '
+            f'[1, {N_HELDOUT}], max_new_tokens ≥ 1, samples ≥ 0, and with samples the temperature a finite number > 0.'
+        )
     v = get_variant(variant)
     reward_name = reward or v.reward
     score = REWARDS[reward_name]
@@ -136,18 +145,79 @@ def evaluate(
     return result
 
 
+def _int_in(low: int, high: Optional[int] = None, what: str = 'a count'):
+    """argparse type: an integer in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not an integer ({what})') from None
+        if value < low or (high is not None and value > high):
+            bound = f'≥ {low}' if high is None else f'in [{low}, {high}]'
+            raise argparse.ArgumentTypeError(f'{value}: it must be {bound} ({what})')
+        return value
+
+    return parse
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    if not 0.0 < value < math.inf:  # NaN fails too
+        raise argparse.ArgumentTypeError(
+            f'{text}: the sampling temperature divides the logits, so it must be a finite number > 0 (e.g. 0.7)'
+        )
+    return value
+
+
+def problem_with_model_dir(path: str) -> Optional[str]:
+    """Why `path` is not a checkpoint directory that ``from_pretrained`` can load (None if it looks like one)."""
+    if not os.path.isdir(path):
+        return 'no such directory' if not os.path.exists(path) else 'not a directory'
+    if not os.path.isfile(os.path.join(path, 'config.json')):
+        return (
+            'no config.json in it: pass a checkpoint directory (python -m cispo_swift model smollm2 prints the base '
+            "model's; a training run's are OUTPUT_DIR/.../checkpoint-N)"
+        )
+    return None
+
+
+def problem_with_output(path: str) -> Optional[str]:
+    """Why the result cannot be written to `path` (None if it can), checked before the evaluation runs."""
+    if os.path.isdir(path):
+        return 'is a directory: name the JSON file to write'
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return f'its directory {parent} does not exist: create it first or choose another path'
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        return 'is not writable: choose another path'
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog='python -m cispo_swift.demo.evaluate', description=__doc__.split('\n\n')[0])
     p.add_argument('model_dir')
-    p.add_argument('--variant', default='add20', help='arithmetic variant (cispo_swift.demo.arith.VARIANTS)')
-    p.add_argument('--reward', default=None, help="grading rule (default: the variant's)")
-    p.add_argument('--n', type=int, default=128, help='held-out problems (the first n, always the same ones)')
-    p.add_argument('--max-new-tokens', type=int, default=16)
-    p.add_argument('--samples', type=int, default=0, help='sampled completions per problem (0: greedy only)')
-    p.add_argument('--temperature', type=float, default=1.0, help='sampling temperature for --samples')
-    p.add_argument('--threads', type=int, default=1, help='torch threads (1 is fastest on a shared 2-core machine)')
+    p.add_argument('--variant', default='add20', choices=sorted(VARIANTS), help='arithmetic variant')
+    p.add_argument('--reward', default=None, choices=sorted(REWARDS), help="grading rule (default: the variant's)")
+    p.add_argument('--n', type=_int_in(1, N_HELDOUT, 'held-out problems'), default=N_HELDOUT,
+                   help=f'held-out problems (the first n, always the same ones; at most {N_HELDOUT})')  # fmt: skip
+    p.add_argument('--max-new-tokens', type=_int_in(1, what='tokens generated per answer'), default=16)
+    p.add_argument('--samples', type=_int_in(0, what='samples per problem'), default=0,
+                   help='sampled completions per problem (0: greedy only)')  # fmt: skip
+    p.add_argument('--temperature', type=_temperature, default=1.0, help='sampling temperature for --samples')
+    p.add_argument('--threads', type=_int_in(1, what='torch threads'), default=1,
+                   help='torch threads (1 is fastest on a shared 2-core machine)')  # fmt: skip
     p.add_argument('--json', default=None, help='write the full result (every completion) to this file')
     a = p.parse_args(argv)
+    # Before anything loads: a bad path would otherwise fail in from_pretrained, or after the whole evaluation.
+    problem = problem_with_model_dir(a.model_dir)
+    if problem:
+        p.error(f'MODEL_DIR {a.model_dir}: {problem}.')
+    if a.json is not None and problem_with_output(a.json):
+        p.error(f'--json {a.json}: {problem_with_output(a.json)}.')
     res = evaluate(a.model_dir, a.variant, a.n, a.max_new_tokens, a.samples, a.temperature, a.reward, a.threads)
     line = f'{a.variant} ({res["reward"]}): greedy {res["greedy_acc"]:.3f} on {a.n} held-out problems'
     if a.samples:

