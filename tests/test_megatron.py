@@ -16,6 +16,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,6 +27,7 @@ pytest.importorskip('megatron.core', reason='megatron-core is not installed (bas
 pytest.importorskip('transformer_engine', reason='Transformer Engine stub not on PYTHONPATH (scripts/test_megatron.sh)')
 
 import torch  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
 from swift.megatron.arguments import MegatronArguments, MegatronRLHFArguments  # noqa: E402
 from swift.megatron.trainers.grpo_trainer import MegatronGRPOTrainer  # noqa: E402
 from swift.rl_core.data import GRPOBatch  # noqa: E402
@@ -292,8 +294,17 @@ def make_trainer(env=None, monkeypatch=None, **arg_overrides) -> MegatronGRPOTra
     trainer.unwrapped_models = [SimpleNamespace(training=True)]
     trainer._metrics = {'train': defaultdict(list), 'eval': defaultdict(list)}
     trainer._step = 2  # not the first micro-step of a generation batch: no completion table to flush
-    trainer._all_reduce_metric = lambda metric: metric  # one rank (gloo has no AVG reduction)
+    trainer._all_reduce_metric = _all_reduce_mean
     return trainer
+
+
+def _all_reduce_mean(metric):
+    """swift's `_all_reduce_metric` (ReduceOp.AVG over the data-parallel group), as SUM / size: gloo has no AVG."""
+    from megatron.core import mpu
+
+    values = torch.stack(list(metric.values()))
+    torch.distributed.all_reduce(values, group=mpu.get_data_parallel_group())
+    return dict(zip(metric, values / mpu.get_data_parallel_world_size()))
 
 
 def make_batch(seed=0, B=5, T=6, V=9, spread=1.5, on_policy=False):
@@ -469,6 +480,101 @@ def test_other_loss_types_get_swifts_loss_func(model_parallel, monkeypatch):
     swift, swift_grad, swift_metrics = run_loss(trainer, logits, ids, batch, SWIFT_LOSS_FUNC)
     assert torch.equal(ours, swift) and torch.equal(grad, swift_grad)
     assert not any(key.startswith('cispo/') for key in metrics)
+
+
+# ---- data parallel: two gloo ranks ------------------------------------------------------------------------------
+
+
+DP_WORLD, DP_B, DP_T, DP_V, DP_H = 2, 8, 7, 11, 5
+DP_LENGTHS = [1, 3, 2, 3, 7, 6, 7, 6]  # rank 0 holds 9 tokens, rank 1 holds 26
+DP_ENVS = {'default': {}, 'own': {'CISPO_CLIP_MODE': 'relative', 'CISPO_EPS_LOW': '0.2', 'CISPO_MASK': '1'}}
+
+
+def _dp_problem():
+    """A linear 'model' W [H, V] shared by the ranks, per-row inputs, ratios past the cap and the lower bound."""
+    g = torch.Generator().manual_seed(7)
+    weight = torch.randn(DP_H, DP_V, generator=g, dtype=torch.float64)
+    hidden = torch.randn(DP_B, DP_T, DP_H, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, DP_V, (DP_B, DP_T), generator=g)
+    mask = torch.arange(DP_T).unsqueeze(0) < torch.tensor(DP_LENGTHS).unsqueeze(1)
+    with torch.no_grad():
+        logps = torch.log_softmax(hidden @ weight, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    old = logps + 1.5 * torch.randn(DP_B, DP_T, generator=g, dtype=torch.float64)
+    ref = logps + 0.3 * torch.randn(DP_B, DP_T, generator=g, dtype=torch.float64)
+    adv = torch.randn(DP_B, 1, generator=g, dtype=torch.float64).expand(DP_B, DP_T).clone()
+    return SimpleNamespace(weight=weight, hidden=hidden, ids=ids, mask=mask, old=old, ref=ref, adv=adv)
+
+
+def _dp_run(problem, rows):
+    """Loss, gradient of W and metrics of the patched loss_func on `rows` (CISPO_* options from the environment)."""
+    trainer = make_trainer(beta=0.04)
+    megatron.patch_loss_func()
+    weight = problem.weight.clone().requires_grad_(True)
+    logps = torch.log_softmax(problem.hidden[rows] @ weight, -1).gather(-1, problem.ids[rows].unsqueeze(-1))
+    mask = problem.mask[rows]
+    batch = GRPOBatch(
+        completion_mask=mask,
+        truncated_mask=torch.zeros(mask.shape[0], dtype=torch.bool),
+        seq_lengths=mask.sum(-1),
+        old_per_token_logps=problem.old[rows],
+        ref_per_token_logps=problem.ref[rows],
+        advantages=problem.adv[rows],
+        num_items_in_batch=problem.mask.sum().double(),  # swift's all-reduced count of the step's tokens
+    )
+    data = {'grpo_batch': batch, 'per_token_entropy': None}
+    loss, metrics = MegatronGRPOTrainer.loss_func(trainer, logps.squeeze(-1), data)
+    loss.backward()
+    return {'loss': loss.detach(), 'grad': weight.grad.clone(), 'metrics': metrics}
+
+
+def _dp_worker(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(DP_WORLD))
+    torch.set_num_threads(1)
+    from megatron.core import mpu
+
+    torch.distributed.init_process_group('gloo', rank=rank, world_size=DP_WORLD)
+    mpu.initialize_model_parallel()
+    assert mpu.get_data_parallel_world_size() == DP_WORLD
+    rows = slice(rank * DP_B // DP_WORLD, (rank + 1) * DP_B // DP_WORLD)
+    results = {}
+    for name, env in DP_ENVS.items():
+        for variable in [k for k in os.environ if k.startswith('CISPO_')]:
+            del os.environ[variable]
+        os.environ.update(env)
+        out = _dp_run(_dp_problem(), rows)
+        # Megatron's DDP averages the gradients over the data-parallel ranks.
+        torch.distributed.all_reduce(out['grad'])
+        out['grad'] /= DP_WORLD
+        results[name] = out
+    torch.save(results, os.path.join(out_dir, f'rank{rank}.pt'))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope='module')
+def two_dp_ranks():
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_dp_worker, args=(_free_port(), out_dir), nprocs=DP_WORLD, join=True)
+        return [torch.load(os.path.join(out_dir, f'rank{r}.pt'), weights_only=False) for r in range(DP_WORLD)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', sorted(DP_ENVS))
+def test_two_data_parallel_ranks_give_the_whole_batch(two_dp_ranks, model_parallel, monkeypatch, name):
+    """Each rank holds its own sequences (9 and 26 tokens); after the gradient average the step is the one process's
+    with the whole batch, and every rank logs the whole batch's metrics and loss."""
+    for variable, value in DP_ENVS[name].items():
+        monkeypatch.setenv(variable, value)
+    whole = _dp_run(_dp_problem(), slice(None))
+    assert whole['grad'].abs().sum() > 0
+    assert 0 < float(whole['metrics']['cispo/clip_frac'][0]) < float(whole['metrics']['cispo/clip_frac'][1])
+    for rank in two_dp_ranks:
+        torch.testing.assert_close(rank[name]['grad'], whole['grad'], rtol=1e-10, atol=1e-12)
+        assert rank[name]['metrics'].keys() == whole['metrics'].keys()
+        for key, value in whole['metrics'].items():
+            if key.startswith('cispo/') or key == 'loss':
+                torch.testing.assert_close(rank[name]['metrics'][key], value, rtol=1e-6, atol=1e-12, msg=key)
+    losses = [rank[name]['loss'] for rank in two_dp_ranks]
+    torch.testing.assert_close(sum(losses) / DP_WORLD, whole['loss'], rtol=1e-10, atol=1e-12)
 
 
 # ---- the swift code the patch relies on (ms-swift 4.6.0) ------------------------------------------------------------
