@@ -35,7 +35,7 @@ from cispo_swift import loss as L
 
 # The CISPO_* options implemented under Megatron; every other one is refused there when set.
 IMPLEMENTED = ('clip_mode', 'eps_low', 'mask', 'mask_eps_low', 'mask_eps_high', 'check_finite')
-# The ms-swift release whose Megatron code the patch was written against and tested with.
+# The ms-swift release whose Megatron code the patch was written against and tested with; other 4.6.x are accepted.
 TESTED_SWIFT = '4.6.0'
 
 # swift flags whose part of swift's loss `loss_func` does not reproduce when it computes its own loss (relative
@@ -68,8 +68,9 @@ def check_args(args, cfg: C.CISPOConfig) -> C.Resolved:
     found = installed_swift_version()
     if found is None or not found.startswith(TESTED_SWIFT.rsplit('.', 1)[0] + '.'):
         raise ValueError(
-            f'cispo-swift under Megatron (megatron rlhf) supports ms-swift {TESTED_SWIFT} (its Megatron GRPO loss is '
-            f'patched), but ms-swift {found} is installed. Install ms-swift=={TESTED_SWIFT}, or train with swift rlhf.'
+            f'cispo-swift under Megatron (megatron rlhf) supports ms-swift 4.6 (tested with {TESTED_SWIFT}): it '
+            f'patches its Megatron GRPO loss, but ms-swift {found} is installed. Install ms-swift=={TESTED_SWIFT}, or '
+            'train with swift rlhf.'
         )
     default = C.CISPOConfig()
     unsupported = [

@@ -144,6 +144,14 @@ def test_own_loss_refuses_swift_flags_it_does_not_reproduce(monkeypatch, flag, v
     registry.validate_parsed_args(megatron_args(**{flag: value}))  # swift's own loss takes them
 
 
+def test_other_swift_versions_are_refused_under_megatron(monkeypatch):
+    from cispo_swift import compat
+
+    monkeypatch.setattr(compat, 'installed_swift_version', lambda: '4.5.3')
+    with pytest.raises(ValueError, match=r'supports ms-swift 4.6 \(tested with 4.6.0\).*4.5.3 is installed'):
+        registry.validate_parsed_args(megatron_args())
+
+
 def test_ray_pipeline_is_refused():
     with pytest.raises(ValueError, match='--use_ray'):
         registry.validate_parsed_args(megatron_args(skip_megatron_init=True))
