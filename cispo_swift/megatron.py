@@ -17,9 +17,9 @@ The plugin file, loaded while swift parses `MegatronRLHFArguments` (registry.loa
 The patched loss (`loss_func`) gets `output_tensor` = log π [B, T] of the micro-batch and `data['grpo_batch']`
 (old/ref log-probs, per-token advantages, masks, `num_items_in_batch`), with tensor, pipeline and context
 parallelism and packing already undone by swift's `forward_step`. It calls swift's loss_func for its loss, metrics
-and logging; with CISPO_CLIP_MODE=relative, CISPO_EPS_LOW or CISPO_MASK=1 it returns `loss.cispo_objective`'s loss
-instead (swift's formula has no lower bound and no mask), normalised as swift normalises its CISPO. It adds the
-`cispo/*` metrics and, with CISPO_CHECK_FINITE, checks the loss's inputs and the loss.
+and logging; with a lower bound (CISPO_CLIP_MODE=relative with CISPO_EPS_LOW) or CISPO_MASK=1 it returns
+`loss.cispo_objective`'s loss instead (swift's formula has neither), normalised as swift normalises its CISPO.
+It adds the `cispo/*` metrics and, with CISPO_CHECK_FINITE, checks the loss's inputs and the loss.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ IMPLEMENTED = ('clip_mode', 'eps_low', 'mask', 'mask_eps_low', 'mask_eps_high', 
 # The ms-swift release whose Megatron code the patch was written against and tested with; other 4.6.x are accepted.
 TESTED_SWIFT = '4.6.0'
 
-# swift flags whose part of swift's loss `loss_func` does not reproduce when it computes its own loss (relative
-# mode, lower bound, unified mask): (flag, test that it is active, the value that works).
+# swift flags whose part of swift's loss `loss_func` does not reproduce when it computes its own loss (lower
+# bound, unified mask): (flag, test that it is active, the value that works).
 _NOT_MIRRORED = (
     ('importance_sampling_level', lambda v: v != 'token', 'token'),
     ('top_entropy_quantile', lambda v: v < 1.0, '1.0'),
@@ -54,8 +54,9 @@ def is_megatron_args(args) -> bool:
 
 
 def own_loss(cfg: C.CISPOConfig) -> bool:
-    """Whether the loss differs from swift's CISPO with the resolved cap: a lower bound or the unified mask."""
-    return cfg.clip_mode != 'absolute' or cfg.eps_low is not None or cfg.mask
+    """Whether the loss differs from swift's CISPO with the resolved cap: a lower bound (relative mode with
+    CISPO_EPS_LOW) or the unified mask. Without them the relative mode is swift's min(r, 1 + ε_high)."""
+    return (cfg.clip_mode == 'relative' and cfg.eps_low is not None) or cfg.mask
 
 
 def check_args(args, cfg: C.CISPOConfig) -> C.Resolved:
@@ -99,8 +100,8 @@ def check_args(args, cfg: C.CISPOConfig) -> C.Resolved:
                 raise ValueError(
                     f'--{flag} {value} with {_own_loss_options(cfg)} under Megatron: these options make cispo-swift '
                     f"compute the loss itself, and that computation does not include what --{flag} does in swift's "
-                    f'Megatron loss. Use --{flag} {works}, or CISPO_CLIP_MODE=absolute without CISPO_EPS_LOW and '
-                    "CISPO_MASK (swift's own loss with the cap then runs, with every swift option)."
+                    f"Megatron loss. Use --{flag} {works}, or leave CISPO_EPS_LOW and CISPO_MASK unset (swift's "
+                    'own loss with the cap then runs, with every swift option).'
                 )
     resolved = C.check_run(args, cfg)
     # swift's Megatron loss reads the cap here (MegatronGRPOTrainer._init_grpo_params: epsilon_high, falling back to
@@ -118,8 +119,7 @@ def _show(value) -> str:
 
 
 def _own_loss_options(cfg: C.CISPOConfig) -> str:
-    given = [f'CISPO_CLIP_MODE={cfg.clip_mode}'] if cfg.clip_mode != 'absolute' else []
-    given += [f'CISPO_EPS_LOW={cfg.eps_low}'] if cfg.eps_low is not None else []
+    given = [f'CISPO_CLIP_MODE=relative, CISPO_EPS_LOW={cfg.eps_low}'] if cfg.eps_low is not None else []
     given += ['CISPO_MASK=1'] if cfg.mask else []
     return ', '.join(given)
 

@@ -142,6 +142,11 @@ def test_own_loss_refuses_swift_flags_it_does_not_reproduce(monkeypatch, flag, v
         registry.validate_parsed_args(megatron_args(**{flag: value}))
     monkeypatch.delenv('CISPO_MASK')
     registry.validate_parsed_args(megatron_args(**{flag: value}))  # swift's own loss takes them
+    monkeypatch.setenv('CISPO_CLIP_MODE', 'relative')  # without a lower bound: swift's min(r, 1 + ε_high)
+    registry.validate_parsed_args(megatron_args(**{flag: value}))
+    monkeypatch.setenv('CISPO_EPS_LOW', '0.2')
+    with pytest.raises(ValueError, match=f'--{flag} {value} with CISPO_CLIP_MODE=relative, CISPO_EPS_LOW=0.2 under'):
+        registry.validate_parsed_args(megatron_args(**{flag: value}))
 
 
 def test_other_swift_versions_are_refused_under_megatron(monkeypatch):
