@@ -4,8 +4,8 @@ megatron-core's model cannot run on CPU (it asks for CUDA when it builds the emb
 can: `megatron rlhf` with the plugin as far as it runs (argument parsing, plugin loading, torch.distributed on
 gloo, the output directory; it stops building the model), the checks on the parsed arguments, and the patched
 `MegatronGRPOTrainer.loss_func` on given tensors, against swift's own loss_func and against a reference written
-here. Runs in .venv-megatron with Transformer Engine stubbed for import (scripts/test_megatron.sh puts tests/te_stub
-on PYTHONPATH).
+here, in one process and on two data-parallel gloo processes. Runs in .venv-megatron with Transformer Engine
+stubbed for import (scripts/test_megatron.sh puts tests/te_stub on PYTHONPATH).
 """
 
 import dataclasses
