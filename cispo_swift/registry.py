@@ -44,7 +44,7 @@ def load_plugin() -> None:
 
     A refusal prints what, why and how to fix, and exits with status 2 before any model loads.
     """
-    from cispo_swift import deepspeed_cpu
+    from cispo_swift import deepspeed_cpu, megatron
 
     args = swift_args_being_parsed()
     try:
@@ -54,6 +54,9 @@ def load_plugin() -> None:
             print(_refusal(error), file=sys.stderr, flush=True)
         record_for_torchrun(error)
         raise SystemExit(2) from None
+    if args is not None and megatron.is_megatron_args(args):
+        megatron.install(args)  # swift's Megatron loss for a checked cispo run; no swift rlhf trainer to register
+        return
     if getattr(args, 'rlhf_type', None) == 'grpo':
         deepspeed_cpu.prepare(args)  # DeepSpeed on CPU: its distributed state, which transformers leaves out
     register()
@@ -63,23 +66,29 @@ def validate_parsed_args(args) -> None:
     """The checks that need no model: CISPO_* options, and for a GRPO run swift's CISPO-relevant flags
     (--loss_type, --epsilon_high, --epsilon, --importance_sampling_level, --resume_from_checkpoint...).
 
-    `args` is swift's RLHFArguments, or None where the plugin is imported outside argument parsing (the Python
-    API, a dataloader worker): then only the options are checked. Other swift commands (rollout, deploy) and
-    other loss types are left alone, but for a misspelt `cispo` and a warning when CISPO options are set.
+    `args` is swift's RLHFArguments (MegatronRLHFArguments under `megatron rlhf`: see megatron.py), or None where
+    the plugin is imported outside argument parsing (the Python API, a dataloader worker): then only the options
+    are checked. Other swift commands (rollout, deploy) and other loss types are left alone, but for a misspelt
+    `cispo` and a warning when CISPO options are set.
     """
-    from cispo_swift import config, deepspeed_cpu, resume
+    from cispo_swift import config, deepspeed_cpu, megatron, resume
 
     if args is None:
         config.current_config()
         return
     if getattr(args, 'rlhf_type', None) != 'grpo':
         return
-    deepspeed_cpu.check(args)  # fp16 that DeepSpeed would reject on this CPU, after the model has loaded
+    on_megatron = megatron.is_megatron_args(args)
+    if not on_megatron:
+        deepspeed_cpu.check(args)  # fp16 that DeepSpeed would reject on this CPU, after the model has loaded
     if args.loss_type != 'cispo':
         config.check_loss_type(args.loss_type)
         config.warn_unused_options(args.loss_type)
         return
     cfg = config.current_config()
+    if on_megatron:  # `megatron rlhf`: its own checks, and the cap set on the arguments
+        megatron.check_args(args, cfg)
+        return
     resolved = config.check_run(args, cfg)
     check_processes(args)
     check_vllm_installed(args, cfg)
