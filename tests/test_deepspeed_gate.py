@@ -126,7 +126,7 @@ def test_budget_skips_inside_the_engine(tiny, tmp_path, budget_plain, stage):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('stage', ['zero1', 'zero2', 'zero3'])
+@pytest.mark.parametrize('stage', ['zero1', 'zero3'])  # ZeRO-2 has ZeRO-1's optimizer class
 def test_no_signal_steps_are_skipped_inside_the_engine(tiny, tmp_path, stage):
     flags = ['--deepspeed', stage, '--num_iterations', '1', '--reward_funcs', 'cispo_test_alternating_reward']
     flags += ['--weight_decay', '0.1']

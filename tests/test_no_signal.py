@@ -145,7 +145,7 @@ def test_constant_reward_leaves_the_saved_weights_unchanged_only_with_the_skip(t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('nproc, accumulation', [(1, 1), (1, 2), (2, 1)])
+@pytest.mark.parametrize('nproc, accumulation', [(1, 2), (2, 1)])  # one process without GA: the constant test
 def test_only_the_steps_without_signal_are_skipped(tiny, tmp_path, nproc, accumulation):
     from swift_run import SCALE_FLAGS, check_ok, logged_steps, run_swift
 
