@@ -34,6 +34,23 @@ def _fresh_warnings():
     yield
 
 
+LAUNCH_VARIABLES = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
+
+
+@pytest.fixture(autouse=True)
+def _no_launch_variables_leak():
+    """A test that leaves torchrun's variables set would make every later `swift rlhf` of the session a worker."""
+    before = {k: os.environ.get(k) for k in LAUNCH_VARIABLES}
+    yield
+    after = {k: os.environ.get(k) for k in LAUNCH_VARIABLES}
+    for key in LAUNCH_VARIABLES:  # restore first, so that one leak does not fail every later test too
+        if before[key] is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before[key]
+    assert after == before, f'the test left launch variables changed: {before} -> {after}'
+
+
 @pytest.fixture
 def swift_log(caplog):
     """caplog that also sees swift's logger (it does not propagate to the root logger)."""

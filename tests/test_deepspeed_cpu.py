@@ -97,7 +97,10 @@ def test_a_single_process_without_torchrun_is_described_to_deepspeed(monkeypatch
     monkeypatch.setattr(deepspeed, 'init_distributed', lambda **kw: calls.append(kw))
     monkeypatch.setattr(deepspeed.comm, 'is_initialized', lambda: False)
     for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'):
-        monkeypatch.delenv(key, raising=False)
+        # setenv first, so that monkeypatch restores the variables' absence afterwards: left set, they would make
+        # every later `swift rlhf` of the session look like a torchrun worker.
+        monkeypatch.setenv(key, '')
+        monkeypatch.delenv(key)
     deepspeed_cpu.init_distributed()
     assert calls == [{'dist_backend': 'gloo', 'auto_mpi_discovery': False}]
     env = __import__('os').environ
