@@ -86,7 +86,9 @@ def demo_command(arm: str, seed: int, max_steps: int) -> List[str]:
 def demo_env(arm: str, model_dir: str, data: Path, run_dir: Path, eval_steps: str) -> Dict[str, str]:
     spec = ARMS[arm]
     env = {'MODEL_DIR': model_dir, 'DATA_DIR': str(data), 'OUTPUT_DIR': str(run_dir)}
-    env.update(CISPOSWIFT_HELDOUT_STEPS=eval_steps, CISPO_KL_BUDGET='none', **spec['env'])
+    # The demo script sets CISPO_KL_BUDGET=0.1 unless told `none`: each arm says what it uses.
+    env.update({'CISPOSWIFT_HELDOUT_STEPS': eval_steps, 'CISPO_KL_BUDGET': 'none'})
+    env.update(spec['env'])
     if spec['loss'] == 'grpo':
         env['PLUGIN'] = 'none'  # swift's own loss, as a user without the plugin runs it
     return env
