@@ -20,6 +20,7 @@ def test_deepspeed_code_the_gate_relies_on_is_unchanged():
     """DeepSpeed 0.19.8 / accelerate 1.15: a ZeRO optimizer calls `_update_scale(self.overflow)` right before it
     tests `self.overflow` and clears its gradients; the engine reads `optimizer.overflow` after `optimizer.step()`;
     accelerate's backward steps the engine; reduced gradients wait in `averaged_gradients`."""
+    pytest.importorskip('deepspeed')  # the 'deepspeed' extra (setup.sh installs it; the ms-swift 4.5.3 venv has not)
     from accelerate.utils.deepspeed import DeepSpeedEngineWrapper, DeepSpeedOptimizerWrapper
     from deepspeed.runtime.engine import DeepSpeedEngine
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
