@@ -196,7 +196,10 @@ class CISPOGRPOTrainer(GRPOTrainer):
         if self.cispo_config.check_finite:  # before backward and the optimizer step
             self._check_finite(step, grpo_batch)
         loss = mirror.auxiliary_losses(self, step.loss, step.logps, step.mask, grpo_batch, mode)
-        token_log_ratio = step.logps.detach().float() - step.tokens.anchor.view_as(step.mask).float()
+        # In float32 at least, as the loss forms it: a bf16 difference misses the cap.
+        token_log_ratio = L.at_least_float32(step.logps.detach()) - L.at_least_float32(
+            step.tokens.anchor.view_as(step.mask)
+        )
         if self.cispo_config.check_finite and not bool(torch.isfinite(loss.detach()).all()):
             raise guards.nonfinite_loss_error(
                 loss, token_log_ratio, step.mask, self.cispo_resolved.upper, self.cispo_objective.beta,
@@ -204,8 +207,8 @@ class CISPOGRPOTrainer(GRPOTrainer):
                 step.tokens.advantages.view_as(step.mask), step.logps.detach(),
             )  # fmt: skip
         log_ratio = step.tokens.log_ratio
-        if log_ratio is None:  # in float32 at least, as the loss forms it: a bf16 difference misses the cap
-            log_ratio = L.at_least_float32(step.logps.detach().reshape(-1)) - L.at_least_float32(step.tokens.anchor)
+        if log_ratio is None:
+            log_ratio = token_log_ratio.reshape(-1)
         kl = None if self.cispo_objective.beta == 0.0 else L.k3_kl(grpo_batch.ref_per_token_logps, step.logps.detach())
         stats = L.cispo_stats(
             log_ratio.view_as(step.mask),
