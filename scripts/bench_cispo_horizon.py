@@ -23,8 +23,10 @@ stopped. Jobs run seed by seed, so every arm gains seeds at the same rate.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -70,8 +72,7 @@ def curve_summary(curve: Sequence[Sequence[float]], base: float, max_steps: int)
 
 
 def heldout_curve(run_dir: Path, base: float) -> List[List[float]]:
-    versions = sorted((d for d in run_dir.glob('v*-*') if d.is_dir()), key=os.path.getmtime)
-    src = versions[-1] if versions else run_dir
+    src = newest_version(run_dir)
     records = [json.loads(x) for x in (src / 'heldout.jsonl').read_text().splitlines() if x.strip()]
     return [[0, base]] + [[int(r['step']), float(r['greedy_acc'])] for r in records if int(r['step']) > 0]
 
@@ -167,6 +168,69 @@ def markdown(summary: Dict, base: float) -> str:
     return '\n'.join(lines)
 
 
+SKIP_METRICS = {'budget': 'cispo/kl_budget_skipped', 'no signal': 'cispo/no_signal_skipped'}
+RAW_LOGS = ('heldout.jsonl', 'logging.jsonl', 'cispo_config.json')
+
+
+def newest_version(run_dir: Path) -> Path:
+    """The run's newest swift output folder (OUT/vN-*), where its logs are; the run folder itself if it has none."""
+    versions = sorted((d for d in run_dir.glob('v*-*') if d.is_dir()), key=os.path.getmtime)
+    return versions[-1] if versions else run_dir
+
+
+def skipped_steps(run_dir: Path) -> Dict[str, Optional[int]]:
+    """Optimizer steps the budget and the no-signal skip passed over, counted from the run's logging.jsonl; None where
+    the run logged no such metric (GRPO, or the skip off)."""
+    path = newest_version(run_dir) / 'logging.jsonl'
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    out: Dict[str, Optional[int]] = {}
+    for name, key in SKIP_METRICS.items():
+        values = [r[key] for r in rows if key in r]
+        out[name] = round(sum(values)) if values else None
+    return out
+
+
+def per_run_markdown(runs: Dict[str, Dict[str, List[Dict]]]) -> str:
+    head = '| regime | arm | seed | accuracy at steps 0, 10, 20, 30, 40 | AUC | steps skipped: budget / no signal |'
+    lines = [head, '|---|---|---|---|---|---|']
+    for regime, arms in runs.items():
+        for arm, records in arms.items():
+            for r in records:
+                if 'failed' in r:
+                    lines.append(f'| {regime} | {arm} | {r["seed"]} | failed: {r["failed"]} | | |')
+                    continue
+                curve = ' '.join(f'{a:.3f}' for _, a in r['accuracy_curve'])
+                if r.get('heldout_halved'):
+                    curve = curve.rsplit(' ', 1)[0] + f' **{r["accuracy_curve"][-1][1]:.3f}**'
+                skips = ' / '.join('–' if v is None else str(v) for v in r.get('skipped', {}).values())
+                auc = '' if r.get('auc') is None else f'{r["auc"]:.3f}'
+                lines.append(f'| {regime} | {arm} | {r["seed"]} | {curve} | {auc} | {skips} |')
+    return '\n'.join(lines)
+
+
+def export(runs: Dict[str, Dict[str, List[Dict]]], out: Path, dest: Path) -> None:
+    """Copy the raw logs of every run measured here (not the reused recipe runs, which docs/data keeps already) and
+    the summary into `dest` (docs/data/cispo_horizon): REGIME/ARM/seedN/{run.json, heldout.jsonl, logging.jsonl,
+    cispo_config.json, trace.jsonl.gz}."""
+    for regime, arms in runs.items():
+        for arm, records in arms.items():
+            for r in records:
+                if r.get('from'):
+                    continue
+                src = Path(r['run_dir'])
+                to = dest / regime / arm / f'seed{r["seed"]}'
+                to.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src / bench.DONE_FILE, to / bench.DONE_FILE)
+                for name in RAW_LOGS:
+                    if (newest_version(src) / name).is_file():
+                        shutil.copy2(newest_version(src) / name, to / name)
+                if (src / 'trace.jsonl').is_file():
+                    with open(src / 'trace.jsonl', 'rb') as f, gzip.open(to / 'trace.jsonl.gz', 'wb') as g:
+                        shutil.copyfileobj(f, g)
+    for name in ('results.json', 'results.md'):
+        shutil.copy2(out / name, dest / name)
+
+
 def plot(runs: Dict[str, Dict[str, List[Dict]]], base: float, out_png: Path) -> None:
     from matplotlib.figure import Figure
 
@@ -194,6 +258,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument('--max-steps', type=int, default=MAX_STEPS)
     p.add_argument('--parallel', type=int, default=2, help='runs at a time, one torch thread each')
     p.add_argument('--summarize-only', action='store_true', help='summarise the finished runs, start none')
+    p.add_argument('--export', metavar='DIR', help='copy the raw logs and the summary there (docs/data/cispo_horizon)')
     a = p.parse_args(argv)
     os.environ.update(bench.OFFLINE_ENV)
     out = Path(a.out).resolve()
@@ -260,7 +325,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for job in jobs:
         record = reused[job['run_dir']] or done.get(job['run_dir'])
         if record is not None:
-            runs.setdefault(job['regime'], {}).setdefault(job['arm'], []).append({**job, **record})
+            record = {**record, **job}  # this checkout's run folder, not the one the run was measured in
+            if 'failed' not in record:
+                src = Path(record['from']) if record.get('from') else Path(job['run_dir'])
+                record['skipped'] = skipped_steps(src)
+            runs.setdefault(job['regime'], {}).setdefault(job['arm'], []).append(record)
     summary = summarize(runs)
     cpu_s = sum(r.get('cpu_s') or 0 for arms in runs.values() for rs in arms.values() for r in rs)
     results = {
@@ -279,10 +348,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         'cpu_h_runs': round(cpu_s / 3600, 2),
     }
     (out / 'results.json').write_text(json.dumps(bench.finite_json(results), indent=1))
-    table = markdown(summary, base_acc)
+    table = markdown(summary, base_acc) + '\n\nPer run:\n\n' + per_run_markdown(runs)
     (out / 'results.md').write_text(table + '\n')
     if runs:
         plot(runs, base_acc, out / 'horizon.png')
+    if a.export:
+        export(runs, out, Path(a.export).resolve())
     print('\n' + table)
     print(f'CPU {results["cpu_h_runs"]} h in finished runs; wrote {out / "results.json"}')
     return 0
