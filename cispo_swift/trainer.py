@@ -4,7 +4,8 @@ Only `--loss_type cispo` takes this path; every other loss type reaches swift's 
 micro-batch the trainer gathers swift's tensors (log-probs from swift's own forward or the fused head, advantages,
 masks, anchors), hands them to the pure objective in `loss.py`, and logs the `cispo/*` metrics. Around it:
 `config` (options and start-up checks), `mirror` (the blocks of swift's loss method it re-enters), `fused_head`
-(CISPO_FUSED_LOGPS, CISPO_FP32_LM_HEAD), `resume` (settings saved with checkpoints), `metrics`.
+(CISPO_FUSED_LOGPS, CISPO_FP32_LM_HEAD), `resume` (settings saved with checkpoints), `metrics`, `step_gate` (which
+micro-batches and optimizer steps run).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from swift.utils import get_logger
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from cispo_swift import config as C
-from cispo_swift import deepspeed_gate, fused_head, guards, mirror, norm, resume
+from cispo_swift import fused_head, guards, mirror, norm, resume, step_gate
 from cispo_swift import loss as L
 from cispo_swift import metrics as M
 from cispo_swift.empty_completions import narrow_completion_frame
@@ -152,39 +153,10 @@ class CISPOGRPOTrainer(GRPOTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.cispo_active:
-            self._gate_steps()
-            if self._reuses_spent_batch():
-                return self._skip_micro_batch()
+            step_gate.gate_steps(self)
+            if step_gate.reuses_spent_batch(self):
+                return step_gate.skip_micro_batch(self)
         return super().training_step(model, inputs, num_items_in_batch)
-
-    def _gate_steps(self) -> None:
-        if not self.is_deepspeed_enabled:
-            guards.gate_optimizer_step(self)
-        elif self.cispo_budget is not None or self.cispo_config.skip_no_signal:
-            deepspeed_gate.gate(self)  # the engine steps inside its backward; the loop's optimizer.step is a no-op
-
-    def _reuses_spent_batch(self) -> bool:
-        """Whether this micro-batch re-uses a generation batch whose KL budget is spent: its optimizer step is skipped
-        whatever it computes, so it costs no forward or backward. A micro-batch that starts a new generation batch
-        (swift's `_prepare_inputs`, GRPOTrainer 4.6.0: `_step % generate_every == 0`) always runs. Under DeepSpeed a
-        whole accumulation window is skipped or none of it: the engine must reach the window's boundary to clear the
-        gradients it has accumulated."""
-        if self.cispo_budget is None or self._buffered_inputs is None:
-            return False
-        every = self.args.steps_per_generation * self.template.sequence_parallel_size * self.num_iterations
-        spent = self.cispo_budget.spent and self._step % every != 0
-        if self.is_deepspeed_enabled:
-            if self._step % self.args.gradient_accumulation_steps == 0:
-                self._cispo_window_spent = spent
-            return spent and getattr(self, '_cispo_window_spent', False)
-        return spent
-
-    def _skip_micro_batch(self) -> torch.Tensor:
-        self._step += 1  # what TRL's GRPOTrainer.training_step (trl 0.29) counts after each micro-batch
-        self.cispo_budget.skip_pending = True
-        if self.is_deepspeed_enabled and self._step % self.args.gradient_accumulation_steps == 0:
-            deepspeed_gate.skip_unseen_step(self)  # the engine never saw this window
-        return torch.zeros((), device=self.args.device)
 
     # ---- the loss ---------------------------------------------------------------------------------------------
 
