@@ -181,8 +181,9 @@ def newest_version(run_dir: Path) -> Path:
 def skipped_steps(run_dir: Path) -> Dict[str, Optional[int]]:
     """Optimizer steps the budget and the no-signal skip passed over, counted from the run's logging.jsonl; None where
     the run logged no such metric (GRPO, or the skip off)."""
-    path = newest_version(run_dir) / 'logging.jsonl'
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    from cispo_swift.demo.plot import load_log
+
+    rows = load_log(str(run_dir))
     out: Dict[str, Optional[int]] = {}
     for name, key in SKIP_METRICS.items():
         values = [r[key] for r in rows if key in r]
@@ -199,9 +200,10 @@ def per_run_markdown(runs: Dict[str, Dict[str, List[Dict]]]) -> str:
                 if 'failed' in r:
                     lines.append(f'| {regime} | {arm} | {r["seed"]} | failed: {r["failed"]} | | |')
                     continue
-                curve = ' '.join(f'{a:.3f}' for _, a in r['accuracy_curve'])
+                points = [f'{a:.3f}' for _, a in r['accuracy_curve']]
                 if r.get('heldout_halved'):
-                    curve = curve.rsplit(' ', 1)[0] + f' **{r["accuracy_curve"][-1][1]:.3f}**'
+                    points[-1] = f'**{points[-1]}**'
+                curve = ' '.join(points)
                 skips = ' / '.join('–' if v is None else str(v) for v in r.get('skipped', {}).values())
                 auc = '' if r.get('auc') is None else f'{r["auc"]:.3f}'
                 lines.append(f'| {regime} | {arm} | {r["seed"]} | {curve} | {auc} | {skips} |')
@@ -221,9 +223,10 @@ def export(runs: Dict[str, Dict[str, List[Dict]]], out: Path, dest: Path) -> Non
                 to = dest / regime / arm / f'seed{r["seed"]}'
                 to.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src / bench.DONE_FILE, to / bench.DONE_FILE)
+                logs = newest_version(src)
                 for name in RAW_LOGS:
-                    if (newest_version(src) / name).is_file():
-                        shutil.copy2(newest_version(src) / name, to / name)
+                    if (logs / name).is_file():
+                        shutil.copy2(logs / name, to / name)
                 if (src / 'trace.jsonl').is_file():
                     with open(src / 'trace.jsonl', 'rb') as f, gzip.open(to / 'trace.jsonl.gz', 'wb') as g:
                         shutil.copyfileobj(f, g)
