@@ -123,6 +123,12 @@ def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+def token_log_ratio(logps: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """log r = log π_θ − log π_anchor per token, detached, in float32 at least whatever the model's dtype: in bf16 the
+    difference of two log-probs near −10 keeps only 2-3 significant digits, and misses the cap."""
+    return at_least_float32(logps.detach()) - at_least_float32(anchor)
+
+
 def k3_kl(ref_logps: torch.Tensor, logps: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimate of KL(π_θ || π_ref) = exp(x) − x − 1 with x = ref − θ, with swift's bounds. [B, T].
 
@@ -228,10 +234,8 @@ def cispo_objective(logps: torch.Tensor, tokens: TokenInputs, objective: Objecti
     masked-out position (padding, filtered completions) reaches neither the loss nor any gradient.
     """
     keep = tokens.loss_mask
-    # Formed in float32 at least whatever the model's dtype: in bf16 the difference of two log-probs near −10 keeps
-    # only 2-3 significant digits.
     if tokens.log_ratio is None:
-        log_ratio = at_least_float32(logps.detach()) - at_least_float32(tokens.anchor)
+        log_ratio = token_log_ratio(logps, tokens.anchor)
     else:
         log_ratio = at_least_float32(tokens.log_ratio)
     log_ratio = torch.where(keep, log_ratio, 0.0)

@@ -168,19 +168,15 @@ class CISPOGRPOTrainer(GRPOTrainer):
         if self.cispo_config.check_finite:  # before backward and the optimizer step
             self._check_finite(step, grpo_batch)
         loss = mirror.auxiliary_losses(self, step.loss, step.logps, step.mask, grpo_batch, mode)
-        # In float32 at least, as the loss forms it: a bf16 difference misses the cap.
-        token_log_ratio = L.at_least_float32(step.logps.detach()) - L.at_least_float32(
-            step.tokens.anchor.view_as(step.mask)
-        )
         if self.cispo_config.check_finite and not bool(torch.isfinite(loss.detach()).all()):
             raise guards.nonfinite_loss_error(
-                loss, token_log_ratio, step.mask, self.cispo_resolved.upper, self.cispo_objective.beta,
+                loss, step.token_log_ratio, step.mask, self.cispo_resolved.upper, self.cispo_objective.beta,
                 self.state.global_step, self.accelerator.process_index,
                 step.tokens.advantages.view_as(step.mask), step.logps.detach(),
             )  # fmt: skip
         log_ratio = step.tokens.log_ratio
         if log_ratio is None:
-            log_ratio = token_log_ratio.reshape(-1)
+            log_ratio = step.token_log_ratio.reshape(-1)
         kl = None if self.cispo_objective.beta == 0.0 else L.k3_kl(grpo_batch.ref_per_token_logps, step.logps.detach())
         stats = L.cispo_stats(
             log_ratio.view_as(step.mask),
@@ -189,7 +185,7 @@ class CISPOGRPOTrainer(GRPOTrainer):
             *self._bounds,
             self.epsilon_low,
             kl,
-            token_log_ratio=token_log_ratio,
+            token_log_ratio=step.token_log_ratio,
         )
         sums = M.gather_sums(self.accelerator, stats)
         if self.cispo_budget is not None and mode == 'train':
@@ -227,7 +223,8 @@ class CISPOGRPOTrainer(GRPOTrainer):
                 self, model, model_inputs, grpo_batch, tokens, self.cispo_objective
             )
             _, entropy_metrics = mirror.entropy_mask_and_metrics(self, entropies, valid)
-            return _Step(loss, logps, mask, tokens, tokens.anchor, entropy_metrics, rollout_metrics)
+            log_ratio = L.token_log_ratio(logps, tokens.anchor.view_as(mask))
+            return _Step(loss, logps, mask, tokens, log_ratio, entropy_metrics, rollout_metrics)
         logps, entropies = self._get_per_token_logps_and_entropies(
             model, model_inputs, grpo_batch, compute_entropy=self.compute_entropy
         )
@@ -235,12 +232,12 @@ class CISPOGRPOTrainer(GRPOTrainer):
         old = logps.detach() if old is None else old
         loss_mask = mirror.off_policy_mask(self, logps, old, mask, grpo_batch)
         tokens, rollout_metrics = self._token_inputs(grpo_batch, old, mask, loss_mask, entropy_mask)
-        token_log_ratio = L.at_least_float32(logps.detach()) - L.at_least_float32(tokens.anchor.view_as(mask))
+        token_log_ratio = L.token_log_ratio(logps, tokens.anchor.view_as(mask))
         seq_log_ratio = mirror.sequence_log_ratio(self, torch.where(mask, token_log_ratio, 0.0), mask)
         if seq_log_ratio is not None:
             tokens.log_ratio = seq_log_ratio.expand_as(mask).reshape(-1)
         loss = L.cispo_objective(logps.reshape(-1), tokens, self.cispo_objective)
-        return _Step(loss, logps, loss_mask, tokens, tokens.anchor, entropy_metrics, rollout_metrics)
+        return _Step(loss, logps, loss_mask, tokens, token_log_ratio, entropy_metrics, rollout_metrics)
 
     def _token_inputs(self, grpo_batch, old_logps, mask, loss_mask, entropy_mask=None):
         """The objective's per-token inputs [B·T] and swift's rollout-correction metrics. `mask` (after the overlong
@@ -342,12 +339,13 @@ class CISPOGRPOTrainer(GRPOTrainer):
 @dataclass
 class _Step:
     """One micro-batch's policy loss and what the metrics and checks read: log-probs [B, T], the loss mask [B, T],
-    the objective's inputs [B·T] and its anchor [B·T], swift's entropy and rollout-correction metrics."""
+    the objective's inputs [B·T], the token log-ratio log r [B, T] (detached), swift's entropy and rollout-correction
+    metrics."""
 
     loss: torch.Tensor
     logps: torch.Tensor
     mask: torch.Tensor
     tokens: L.TokenInputs
-    anchor: torch.Tensor
+    token_log_ratio: torch.Tensor
     entropy_metrics: Dict
     rollout_metrics: Dict
