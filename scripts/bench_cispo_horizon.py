@@ -81,7 +81,9 @@ def demo_command(arm: str, seed: int, max_steps: int) -> List[str]:
     spec = ARMS[arm]
     loss = GRPO_FLAGS if spec['loss'] == 'grpo' else []
     script = str(ROOT / 'examples' / 'smollm2_arith_cpu.sh')
-    return ['bash', script, '--seed', str(seed), '--max_steps', str(max_steps), *loss, *spec['flags']]
+    # The demo script samples dynamically since this comparison chose it; the other arms run as registered, without.
+    static = [] if '--dynamic_sample' in spec['flags'] else ['--dynamic_sample', 'false']
+    return ['bash', script, '--seed', str(seed), '--max_steps', str(max_steps), *loss, *static, *spec['flags']]
 
 
 def demo_env(arm: str, model_dir: str, data: Path, run_dir: Path, eval_steps: str) -> Dict[str, str]:

@@ -31,7 +31,8 @@ DEMO_STEPS = (10, 20)  # the demo's steadier measure: the mean of its last two e
 
 # ---- fixed before the runs (docs/smollm2_recipe.md, "Settings") ---------------------------------------------------
 # Common to all: the demo script's flags (2e-5 constant, T 0.7, 16 new tokens, 8 completions per prompt, full tuning
-# in float32, one torch thread), MAX_STEPS optimizer steps of 16 completions each.
+# in float32, one torch thread, no dynamic sampling: the script's later default, docs/cispo_horizon.md, is turned off),
+# MAX_STEPS optimizer steps of 16 completions each.
 CANDIDATES: Dict[str, Dict] = {
     # The demo as it was (2 prompts x 8, each batch used twice) with the KL budget of docs/cispo_stability.md.
     'reuse_kl': {'flags': [], 'env': {'CISPO_KL_BUDGET': '0.1'}},
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
         env = dict(cand['env'], MODEL_DIR=str(model_dir), DATA_DIR=str(data), OUTPUT_DIR=str(run_dir),
                    CISPOSWIFT_HELDOUT_STEPS=eval_steps)  # fmt: skip
         cmd = ['bash', str(ROOT / 'examples' / 'smollm2_arith_cpu.sh'), '--seed', str(job['seed']),
-               '--max_steps', str(a.max_steps), *cand['flags']]  # fmt: skip
+               '--max_steps', str(a.max_steps), '--dynamic_sample', 'false', *cand['flags']]  # fmt: skip
         cost = bench.run_command(cmd, run_dir, env)
         record = {**job, **summarize_run(_newest_version(run_dir)), **cost}
         curve = ' '.join(f'{s}:{acc:.3f}' for s, acc in record['accuracy_curve'])

@@ -94,3 +94,28 @@ def test_longest_run_and_run_loop_skips_finished_and_records_failures(tmp_path):
     assert first[1] == {'failed': 'RuntimeError: swift rlhf exited with 1'}
     again = harness.run_all(jobs, run_one)
     assert again == first and sorted(calls) == ['a', 'bad', 'c']  # nothing ran twice
+
+
+def _load_script(name):
+    path = SCRIPT.parent / f'{name}.py'
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def _last_value(cmd, flag):
+    return [cmd[i + 1] for i, x in enumerate(cmd) if x == flag][-1]
+
+
+def test_horizon_demo_arms_keep_their_registered_sampling(monkeypatch):
+    """The demo script samples dynamically by default; the horizon comparison's other arms must still run without."""
+    script = (SCRIPT.parents[1] / 'examples' / 'smollm2_arith_cpu.sh').read_text()
+    assert '--dynamic_sample true' in script
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    horizon = _load_script('bench_cispo_horizon')
+    for arm in horizon.ARMS:
+        cmd = horizon.demo_command(arm, 42, 40)
+        want = 'true' if arm == 'cispo_kl_dyn' else 'false'
+        assert _last_value(cmd, '--dynamic_sample') == want, (arm, cmd)
+    assert _last_value(horizon.demo_command('cispo_kl_dyn', 42, 40), '--max_resample_times') == '3'
