@@ -9,14 +9,15 @@ the whole-batch value, which the last test shows.
 """
 
 import os
-import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from linear_problem import B, T, linear_problem
 from stubs import make_trainer, swift_loss
 from swift.rl_core.data import GRPOBatch
+from swift_run import _free_port
 
 from cispo_swift import norm as norm_module
 from cispo_swift.config import CISPOConfig
@@ -24,27 +25,10 @@ from cispo_swift.config import CISPOConfig
 pytestmark = pytest.mark.slow  # two spawned processes import swift: ~40 s
 
 WORLD = 2
-B, T, V, H = 8, 7, 11, 5
 # Rank 0 gets rows 0-3 (9 tokens), rank 1 rows 4-7 (26 tokens); prompt group 1 spans both ranks.
-LENGTHS = [1, 3, 2, 3, 7, 6, 7, 6]
 PROMPT_IDS = [0, 0, 1, 1, 1, 1, 2, 2]
 NORMS = ('token', 'sequence', 'prompt')
 TRAINER_ARGS = {'beta': 0.04, 'steps_per_generation': 1}
-
-
-def _problem(seed=0):
-    """A linear 'model' W [H, V] shared by the ranks, per-row inputs, and a batch whose ratios reach past the cap."""
-    g = torch.Generator().manual_seed(seed)
-    weight = torch.randn(H, V, generator=g, dtype=torch.float64)
-    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64)
-    ids = torch.randint(0, V, (B, T), generator=g)
-    mask = torch.arange(T).unsqueeze(0) < torch.tensor(LENGTHS).unsqueeze(1)
-    with torch.no_grad():
-        logps = torch.log_softmax(hidden @ weight, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    old = logps + 1.5 * torch.randn(B, T, generator=g, dtype=torch.float64)
-    ref = logps + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
-    adv = torch.randn(B, 1, generator=g, dtype=torch.float64).expand(B, T).clone()
-    return SimpleNamespace(weight=weight, hidden=hidden, ids=ids, mask=mask, old=old, ref=ref, adv=adv)
 
 
 def _run(problem, rows, norm, accelerator=None, builtin=False):
@@ -100,7 +84,7 @@ def _worker(rank, port, out_dir):
 
     accelerator = Accelerator(cpu=True)  # initialises the gloo process group from the variables above
     assert accelerator.num_processes == WORLD and dist.get_backend() == 'gloo'
-    problem = _problem()
+    problem = linear_problem()
     rows = slice(rank * B // WORLD, (rank + 1) * B // WORLD)
     results = {}
     for norm in NORMS:
@@ -120,12 +104,6 @@ def _worker(rank, port, out_dir):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope='module')
 def two_ranks(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp('gloo')
@@ -135,7 +113,7 @@ def two_ranks(tmp_path_factory):
 
 @pytest.mark.parametrize('norm', NORMS)
 def test_two_gloo_ranks_give_the_whole_batch_gradient(two_ranks, norm):
-    whole = _run(_problem(), slice(None), norm)
+    whole = _run(linear_problem(), slice(None), norm)
     for rank in two_ranks:
         torch.testing.assert_close(rank[norm]['grad'], whole['grad'], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(rank[norm]['loss'], whole['loss'], rtol=1e-10, atol=1e-12)
@@ -144,7 +122,7 @@ def test_two_gloo_ranks_give_the_whole_batch_gradient(two_ranks, norm):
 
 @pytest.mark.parametrize('norm', NORMS)
 def test_two_gloo_ranks_log_the_whole_batch_metrics(two_ranks, norm):
-    whole = _run(_problem(), slice(None), norm)['metrics']
+    whole = _run(linear_problem(), slice(None), norm)['metrics']
     assert 0 < whole['cispo/clip_frac'] < 1, 'the batch must clip some tokens, not all'
     for rank in two_ranks:
         assert rank[norm]['metrics'].keys() == whole.keys()
@@ -157,9 +135,9 @@ def test_swift_metrics_average_per_rank_means_ours_count_tokens(two_ranks):
     """swift's `cispo_clip_ratio` and `kl` over two ranks are the mean of the two ranks' own values; with 9 and
     26 tokens that is not the whole-batch value, which ours report (`cispo_clip_ratio`, `cispo/kl`). Our `kl` keeps
     swift's meaning, as for every other loss type."""
-    whole = _run(_problem(), slice(None), 'token')['metrics']
+    whole = _run(linear_problem(), slice(None), 'token')['metrics']
     # What each rank's half gives on its own.
-    per_rank = [_run(_problem(), slice(r * B // WORLD, (r + 1) * B // WORLD), 'token')['metrics'] for r in (0, 1)]
+    per_rank = [_run(linear_problem(), slice(r * B // WORLD, (r + 1) * B // WORLD), 'token')['metrics'] for r in (0, 1)]
     ours = two_ranks[0]['token']['metrics']
     for key, ours_key in (('clip_ratio', 'cispo_clip_ratio'), ('kl', 'cispo/kl')):
         mean_of_means = (per_rank[0][ours_key] + per_rank[1][ours_key]) / 2

@@ -28,6 +28,7 @@ pytest.importorskip('transformer_engine', reason='Transformer Engine stub not on
 
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+from linear_problem import B, linear_problem  # noqa: E402
 from swift.megatron.arguments import MegatronArguments, MegatronRLHFArguments  # noqa: E402
 from swift.megatron.trainers.grpo_trainer import MegatronGRPOTrainer  # noqa: E402
 from swift.rl_core.data import GRPOBatch  # noqa: E402
@@ -498,24 +499,8 @@ def test_other_loss_types_get_swifts_loss_func(model_parallel, monkeypatch):
 # ---- data parallel: two gloo ranks ------------------------------------------------------------------------------
 
 
-DP_WORLD, DP_B, DP_T, DP_V, DP_H = 2, 8, 7, 11, 5
-DP_LENGTHS = [1, 3, 2, 3, 7, 6, 7, 6]  # rank 0 holds 9 tokens, rank 1 holds 26
+DP_WORLD = 2  # rank 0 holds rows 0-3 of linear_problem (9 tokens), rank 1 rows 4-7 (26 tokens)
 DP_ENVS = {'default': {}, 'own': {'CISPO_CLIP_MODE': 'relative', 'CISPO_EPS_LOW': '0.2', 'CISPO_MASK': '1'}}
-
-
-def _dp_problem():
-    """A linear 'model' W [H, V] shared by the ranks, per-row inputs, ratios past the cap and the lower bound."""
-    g = torch.Generator().manual_seed(7)
-    weight = torch.randn(DP_H, DP_V, generator=g, dtype=torch.float64)
-    hidden = torch.randn(DP_B, DP_T, DP_H, generator=g, dtype=torch.float64)
-    ids = torch.randint(0, DP_V, (DP_B, DP_T), generator=g)
-    mask = torch.arange(DP_T).unsqueeze(0) < torch.tensor(DP_LENGTHS).unsqueeze(1)
-    with torch.no_grad():
-        logps = torch.log_softmax(hidden @ weight, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    old = logps + 1.5 * torch.randn(DP_B, DP_T, generator=g, dtype=torch.float64)
-    ref = logps + 0.3 * torch.randn(DP_B, DP_T, generator=g, dtype=torch.float64)
-    adv = torch.randn(DP_B, 1, generator=g, dtype=torch.float64).expand(DP_B, DP_T).clone()
-    return SimpleNamespace(weight=weight, hidden=hidden, ids=ids, mask=mask, old=old, ref=ref, adv=adv)
 
 
 def _dp_run(problem, rows):
@@ -548,13 +533,13 @@ def _dp_worker(rank, port, out_dir):
     torch.distributed.init_process_group('gloo', rank=rank, world_size=DP_WORLD)
     mpu.initialize_model_parallel()
     assert mpu.get_data_parallel_world_size() == DP_WORLD
-    rows = slice(rank * DP_B // DP_WORLD, (rank + 1) * DP_B // DP_WORLD)
+    rows = slice(rank * B // DP_WORLD, (rank + 1) * B // DP_WORLD)
     results = {}
     for name, env in DP_ENVS.items():
         for variable in [k for k in os.environ if k.startswith('CISPO_')]:
             del os.environ[variable]
         os.environ.update(env)
-        out = _dp_run(_dp_problem(), rows)
+        out = _dp_run(linear_problem(seed=7), rows)
         # Megatron's DDP averages the gradients over the data-parallel ranks.
         torch.distributed.all_reduce(out['grad'])
         out['grad'] /= DP_WORLD
@@ -577,7 +562,7 @@ def test_two_data_parallel_ranks_give_the_whole_batch(two_dp_ranks, model_parall
     with the whole batch, and every rank logs the whole batch's metrics and loss."""
     for variable, value in DP_ENVS[name].items():
         monkeypatch.setenv(variable, value)
-    whole = _dp_run(_dp_problem(), slice(None))
+    whole = _dp_run(linear_problem(seed=7), slice(None))
     assert whole['grad'].abs().sum() > 0
     assert 0 < float(whole['metrics']['cispo/clip_frac'][0]) < float(whole['metrics']['cispo/clip_frac'][1])
     for rank in two_dp_ranks:
