@@ -260,6 +260,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument('--regimes', nargs='+', default=list(SEEDS), choices=list(SEEDS))
     p.add_argument('--arms', nargs='+', default=list(ARMS), choices=list(ARMS))
     p.add_argument('--seeds-per-regime', type=int, default=5)
+    p.add_argument(
+        '--seeds',
+        type=int,
+        nargs='+',
+        help="these seeds in every chosen regime instead of SEEDS' (with --out elsewhere)",
+    )
     p.add_argument('--max-steps', type=int, default=MAX_STEPS)
     p.add_argument('--parallel', type=int, default=2, help='runs at a time, one torch thread each')
     p.add_argument('--summarize-only', action='store_true', help='summarise the finished runs, start none')
@@ -284,10 +290,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         base_path.write_text(json.dumps({'greedy_acc': base['greedy_acc']}))
     base_acc = json.loads(base_path.read_text())['greedy_acc']
     eval_steps = ','.join(str(s) for s in range(EVAL_EVERY, a.max_steps + 1, EVAL_EVERY))
+    regime_seeds = {regime: tuple(a.seeds) if a.seeds else seeds for regime, seeds in SEEDS.items()}
     jobs = [
         {'regime': regime, 'arm': arm, 'seed': seeds[i], 'run_dir': str(out / regime / arm / f'seed{seeds[i]}')}
-        for i in range(a.seeds_per_regime)
-        for regime, seeds in SEEDS.items()
+        for i in range(max(a.seeds_per_regime, len(a.seeds or ())))
+        for regime, seeds in regime_seeds.items()
         if regime in a.regimes and i < len(seeds)
         for arm in a.arms
     ]
@@ -343,7 +350,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             'base_accuracy': base_acc,
             'max_steps': a.max_steps,
             'eval_every': EVAL_EVERY,
-            'seeds': SEEDS,
+            'seeds': {regime: regime_seeds[regime] for regime in a.regimes},
             'arms': ARMS,
             'reuse_regime': ' '.join(stability.REGIMES['reuse']),
             'demo_regime': 'examples/smollm2_arith_cpu.sh',
