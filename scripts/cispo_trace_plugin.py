@@ -36,7 +36,7 @@ def _traced_policy_step(self, model, model_inputs, grpo_batch):
             'mask': mask.int().tolist(),
             'ids': ids.tolist(),
             'logp': _rounded(step.logps.detach().float()),
-            'anchor': _rounded(step.anchor.detach().float().view_as(step.mask)),
+            'anchor': _rounded(step.tokens.anchor.detach().float().view_as(step.mask)),
         }
         with open(_PATH, 'a') as f:
             f.write(json.dumps(record) + '\n')

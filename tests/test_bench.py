@@ -1,10 +1,13 @@
-"""The benchmark script's statistics (steps to threshold, censoring, quantiles), on made-up logs: no training."""
+"""The benchmark scripts: statistics (steps to threshold, censoring, quantiles) on made-up logs, the horizon
+comparison's arms, and the trace plugin on a stub trainer. No training."""
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / 'scripts' / 'bench_sample_efficiency.py'
 spec = importlib.util.spec_from_file_location('bench_sample_efficiency', SCRIPT)
@@ -119,3 +122,25 @@ def test_horizon_demo_arms_keep_their_registered_sampling(monkeypatch):
         want = 'true' if arm == 'cispo_kl_dyn' else 'false'
         assert _last_value(cmd, '--dynamic_sample') == want, (arm, cmd)
     assert _last_value(horizon.demo_command('cispo_kl_dyn', 42, 40), '--max_resample_times') == '3'
+
+
+def test_trace_plugin_records_what_the_trainer_used(monkeypatch, tmp_path):
+    """scripts/cispo_trace_plugin.py reads the trainer's micro-batch internals: they must still be where it looks."""
+    from stubs import attach_logps, make_batch, make_trainer
+
+    from cispo_swift.trainer import CISPOGRPOTrainer
+
+    trace = tmp_path / 'trace.jsonl'
+    monkeypatch.setenv('CISPOSWIFT_TRACE', str(trace))
+    monkeypatch.setattr(CISPOGRPOTrainer, '_policy_step', CISPOGRPOTrainer._policy_step)  # restored afterwards
+    _load_script('cispo_trace_plugin')
+    logits, ids, batch, entropies = make_batch()
+    trainer = attach_logps(make_trainer(), logits, ids, entropies)
+    trainer._compute_loss_and_metrics(None, {'input_ids': ids}, batch)
+    (record,) = [json.loads(x) for x in trace.read_text().splitlines()]
+    mask = batch.completion_mask
+    logps = torch.log_softmax(logits.detach(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    assert record['mask'] == mask.int().tolist() and record['ids'] == ids.tolist()
+    assert torch.allclose(torch.tensor(record['anchor']), batch.old_per_token_logps, atol=1e-5)
+    assert torch.allclose(torch.tensor(record['logp']), logps, atol=1e-5)
+    assert record['advantages'] == [round(float(a), 5) for a in batch.advantages[:, 0]]
