@@ -174,12 +174,11 @@ class CISPOGRPOTrainer(GRPOTrainer):
                 self.state.global_step, self.accelerator.process_index,
                 step.tokens.advantages.view_as(step.mask), step.logps.detach(),
             )  # fmt: skip
-        log_ratio = step.tokens.log_ratio
-        if log_ratio is None:
-            log_ratio = step.token_log_ratio.reshape(-1)
+        # The weight's log r: the token's own, or GSPO's sequence ratio where the objective was given one.
+        log_ratio = step.token_log_ratio if step.tokens.log_ratio is None else step.tokens.log_ratio.view_as(step.mask)
         kl = None if self.cispo_objective.beta == 0.0 else L.k3_kl(grpo_batch.ref_per_token_logps, step.logps.detach())
         stats = L.cispo_stats(
-            log_ratio.view_as(step.mask),
+            log_ratio,
             grpo_batch.advantages,
             step.mask,
             *self._bounds,

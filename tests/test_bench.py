@@ -9,10 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / 'scripts' / 'bench_sample_efficiency.py'
-spec = importlib.util.spec_from_file_location('bench_sample_efficiency', SCRIPT)
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+SCRIPTS = Path(__file__).resolve().parents[1] / 'scripts'
+
+
+def _load_script(name):
+    module_spec = importlib.util.spec_from_file_location(name, SCRIPTS / f'{name}.py')
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_script('bench_sample_efficiency')
 
 
 def _rows(rewards, every=8, **metrics):
@@ -99,23 +106,15 @@ def test_longest_run_and_run_loop_skips_finished_and_records_failures(tmp_path):
     assert again == first and sorted(calls) == ['a', 'bad', 'c']  # nothing ran twice
 
 
-def _load_script(name):
-    path = SCRIPT.parent / f'{name}.py'
-    module_spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
-
-
 def _last_value(cmd, flag):
     return [cmd[i + 1] for i, x in enumerate(cmd) if x == flag][-1]
 
 
 def test_horizon_demo_arms_keep_their_registered_sampling(monkeypatch):
     """The demo script samples dynamically by default; the horizon comparison's other arms must still run without."""
-    script = (SCRIPT.parents[1] / 'examples' / 'smollm2_arith_cpu.sh').read_text()
+    script = (SCRIPTS.parent / 'examples' / 'smollm2_arith_cpu.sh').read_text()
     assert '--dynamic_sample true' in script
-    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    monkeypatch.syspath_prepend(str(SCRIPTS))
     horizon = _load_script('bench_cispo_horizon')
     for arm in horizon.ARMS:
         cmd = horizon.demo_command(arm, 42, 40)
